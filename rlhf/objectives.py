@@ -1,0 +1,271 @@
+"""RL objectives built from the shared losses: policy losses, the value loss, the KL loss, the
+Bradley-Terry reward-model loss, and how per-token losses are reduced to a scalar.
+
+Per-token tensors are (batch, response_len); `mask` is 1 on real response tokens and 0 on padding.
+Policy losses are registered in `POLICY_LOSSES` with one signature and selected by name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.kl import per_token_kl
+from rlhf.losses import huber, masked_mean, masked_sum, masked_var, mse
+from rlhf.registry import Registry
+
+POLICY_LOSSES = Registry("policy loss")
+AGGREGATION_MODES = ("token-mean", "seq-mean", "seq-mean-token-sum")
+VALUE_LOSSES = ("mse", "huber")
+
+
+def _check_tensor(x: torch.Tensor, name: str, shape: torch.Size | None = None) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if shape is None and x.dim() != 2:
+        raise ValueError(f"{name} must be (batch, response_len), got shape {tuple(x.shape)}")
+    if shape is not None and x.shape != shape:
+        raise ValueError(f"{name} shape {tuple(x.shape)} does not match {tuple(shape)}")
+
+
+def _bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Validate a 0/1 `mask` against `like` (batch, response_len) and return it as bool."""
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        raise TypeError(
+            f"mask must be a bool, integer or float tensor, got {getattr(mask, 'dtype', type(mask))}"
+        )
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match (batch, response_len) {tuple(like.shape)}"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask must contain only 0 and 1 (or be bool)")
+    return mask != 0
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss (batch, response_len) to a scalar over the real tokens.
+
+    "token-mean": Σ loss over all real tokens / their count (long sequences weigh more);
+    "seq-mean": mean over sequences of each sequence's token mean (every sequence weighs the same);
+    "seq-mean-token-sum": mean over sequences of each sequence's token sum (scales with length).
+    """
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATION_MODES)}")
+    _check_tensor(loss, "loss")
+    bmask = _bool_mask(mask, loss)
+    if mode == "token-mean":
+        return masked_mean(loss, bmask)
+    if mode == "seq-mean":
+        return masked_mean(loss, bmask, dim=1).mean()
+    return masked_sum(loss, bmask, dim=1).mean()
+
+
+def _check_policy_inputs(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    _check_tensor(logp, "logp")
+    _check_tensor(old_logp, "old_logp", logp.shape)
+    _check_tensor(advantages, "advantages", logp.shape)
+    return _bool_mask(mask, logp)
+
+
+def _log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+    # Zero at padding, where log-probs may be garbage and exp() could overflow to inf (inf * 0 = nan).
+    return torch.where(bmask, logp - old_logp, torch.zeros_like(logp))
+
+
+def _ratio_stats(log_ratio: torch.Tensor, bmask: torch.Tensor) -> dict[str, torch.Tensor]:
+    log_ratio = log_ratio.detach()
+    ratio = log_ratio.exp()
+    return {
+        # k3 with ρ = π/π_old on samples from π_old: an unbiased, non-negative estimate of KL(π_old ‖ π).
+        "approxkl": masked_mean((ratio - 1) - log_ratio, bmask),
+        "ratio_mean": masked_mean(ratio, bmask),
+    }
+
+
+@POLICY_LOSSES.register("ppo")
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate: per token, -min(ρA, clip(ρ, 1 - clip_low, 1 + clip_high) A), ρ = exp(logp - old_logp).
+
+    `logp`, `old_logp`, `advantages`, `mask`: (batch, response_len). `clip_high` defaults to `clip_low`
+    (a larger `clip_high` is the asymmetric "clip-higher" of DAPO). Returns the loss reduced by `agg`
+    and detached 0-dim stats: "clipfrac" (fraction of real tokens where the clipped term is the larger
+    loss, so the clip zeroes the gradient), "approxkl", "ratio_mean".
+    """
+    bmask = _check_policy_inputs(logp, old_logp, advantages, mask)
+    clip_high = clip_low if clip_high is None else clip_high
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    log_ratio = _log_ratio(logp, old_logp, bmask)
+    advantages = torch.where(bmask, advantages, torch.zeros_like(advantages))
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), bmask, agg)
+    stats = _ratio_stats(log_ratio, bmask)
+    stats["clipfrac"] = masked_mean((clipped > unclipped).to(logp.dtype), bmask).detach()
+    return loss, stats
+
+
+@POLICY_LOSSES.register("vanilla")
+def vanilla_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Unclipped surrogate -ρA per token, ρ = exp(logp - old_logp).
+
+    On-policy (logp == old_logp in value) its gradient is the REINFORCE gradient -A ∇logp.
+    `logp`, `old_logp`, `advantages`, `mask`: (batch, response_len). Ignores `clip_low`, `clip_high`.
+    Returns the loss reduced by `agg` and the stats of "ppo" ("clipfrac" is always 0).
+    """
+    bmask = _check_policy_inputs(logp, old_logp, advantages, mask)
+    log_ratio = _log_ratio(logp, old_logp, bmask)
+    advantages = torch.where(bmask, advantages, torch.zeros_like(advantages))
+    loss = aggregate(-advantages * log_ratio.exp(), bmask, agg)
+    stats = _ratio_stats(log_ratio, bmask)
+    stats["clipfrac"] = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range: float | None,
+    loss: str = "mse",
+    delta: float = 1.0,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped value loss: per token max(L(v, R), L(v_clipped, R)), v_clipped = old + clamp(v - old, ±clip_range).
+
+    `values`, `old_values`, `returns`, `mask`: (batch, response_len). L is the elementwise `mse` or
+    `huber` (with `delta`) of `rlhf.losses`; `clip_range=None` uses L(v, R) alone. Returns the loss
+    reduced by `agg` and {"clipfrac": fraction of real tokens where the clipped loss is the larger}.
+    """
+    _check_tensor(values, "values")
+    _check_tensor(old_values, "old_values", values.shape)
+    _check_tensor(returns, "returns", values.shape)
+    bmask = _bool_mask(mask, values)
+    if loss not in VALUE_LOSSES:
+        raise ValueError(f"unknown value loss {loss!r}; valid: {', '.join(VALUE_LOSSES)}")
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be > 0 or None, got {clip_range}")
+
+    def elementwise(v: torch.Tensor) -> torch.Tensor:
+        if loss == "mse":
+            return mse(v, returns, reduction="none")
+        return huber(v, returns, delta=delta, reduction="none")
+
+    # Padding may hold nan returns: zero it before the arithmetic, or nan * 0 reaches the gradient.
+    zero = values.new_zeros(())
+    values = torch.where(bmask, values, zero)
+    old_values = torch.where(bmask, old_values, zero)
+    returns = torch.where(bmask, returns, zero)
+    unclipped = elementwise(values)
+    if clip_range is None:
+        clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
+        return aggregate(unclipped, bmask, agg), {"clipfrac": clipfrac}
+    v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    clipped = elementwise(v_clipped)
+    clipfrac = masked_mean((clipped > unclipped).to(values.dtype), bmask).detach()
+    return aggregate(torch.maximum(unclipped, clipped), bmask, agg), {"clipfrac": clipfrac}
+
+
+def _check_pair(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    if isinstance(chosen, torch.Tensor) and chosen.dim() != 1:
+        raise ValueError(f"chosen must be (batch,), got shape {tuple(chosen.shape)}")
+    _check_tensor(chosen, "chosen", getattr(chosen, "shape", None))
+    _check_tensor(rejected, "rejected", chosen.shape)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Bradley-Terry reward-model loss -log σ(r_c - r_r - margin).
+
+    `chosen`, `rejected`: (batch,) rewards; `margin`: None, a float or a (batch,) tensor (Llama 2's
+    preference-strength margin). `reduction`: "mean" | "sum" -> scalar, "none" -> (batch,).
+    """
+    _check_pair(chosen, rejected)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; valid: mean, sum, none")
+    diff = chosen - rejected
+    if margin is not None:
+        if isinstance(margin, torch.Tensor) and margin.dim() != 0 and margin.shape != chosen.shape:
+            raise ValueError(
+                f"margin shape {tuple(margin.shape)} does not match chosen shape {tuple(chosen.shape)}"
+            )
+        diff = diff - margin
+    # logsigmoid, not log(sigmoid(.)): stays finite for large negative differences.
+    losses = -F.logsigmoid(diff)
+    if reduction == "mean":
+        return losses.mean()
+    if reduction == "sum":
+        return losses.sum()
+    return losses
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Fraction of pairs with r_c > r_r (ties count as wrong). `chosen`, `rejected`: (batch,) -> 0-dim."""
+    _check_pair(chosen, rejected)
+    return (chosen > rejected).to(chosen.dtype).mean().detach()
+
+
+def kl_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str, agg: str
+) -> torch.Tensor:
+    """KL(π ‖ π_ref) as a loss term: the per-token `estimator` ("k1", "k2", "k3") reduced by `agg`.
+
+    `logp`, `ref_logp`, `mask`: (batch, response_len) -> scalar. The estimators differ as losses: for
+    a token sampled on-policy, the expected gradient of k1 is 0, that of k2 is ∇KL(π ‖ π_ref), and
+    that of k3 (GRPO's choice) is ∇KL(π_ref ‖ π).
+    """
+    _check_tensor(logp, "logp")
+    _check_tensor(ref_logp, "ref_logp", logp.shape)
+    bmask = _bool_mask(mask, logp)
+    # Padding log-probs can be garbage: give them log r = 0 so exp() cannot overflow into a nan gradient.
+    zero = logp.new_zeros(())
+    kl = per_token_kl(torch.where(bmask, logp, zero), torch.where(bmask, ref_logp, zero), estimator)
+    return aggregate(kl, bmask, agg)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - v] / Var[R] over the real tokens; nan when Var[R] = 0.
+
+    `values`, `returns`, `mask`: (batch, response_len) -> detached 0-dim tensor. 1 is a perfect critic,
+    0 no better than a constant, negative worse than a constant.
+    """
+    _check_tensor(values, "values")
+    _check_tensor(returns, "returns", values.shape)
+    bmask = _bool_mask(mask, values)
+    values, returns = values.detach(), returns.detach()
+    # The population variance: the n/(n-1) factors would cancel in the ratio anyway.
+    var_returns = masked_var(returns, bmask, unbiased=False)
+    var_residual = masked_var(returns - values, bmask, unbiased=False)
+    return torch.where(
+        var_returns == 0, torch.full_like(var_returns, float("nan")), 1 - var_residual / var_returns
+    )

@@ -1,0 +1,1 @@
+"""Built-in tasks with a known gold reward, so the whole pipeline runs offline (see ``sentiment``)."""
