@@ -1,0 +1,233 @@
+"""Loading the four models of an RLHF run: policy, frozen reference, reward model and critic (value model).
+
+Every model comes from a spec string:
+
+- ``builtin:tiny`` (and other names in ``BUILTIN_ARCHS``): a small Llama-architecture model with random weights built
+  from a config, so every default works offline. Its tokenizer is ``builtin:words``, a word-level tokenizer over the
+  built-in task's vocabulary.
+- a local folder written by ``save_pretrained`` (checked to exist before anything loads);
+- a Hugging Face hub id (needs the network).
+
+Scores and values are read through the backbone + head of an ``AutoModelForSequenceClassification`` at positions we
+choose from explicit masks, rather than through the model's own pooling, which infers positions from pad ids.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+BUILTIN_PREFIX = "builtin:"
+
+# Architectures built from a config with random weights. "tiny" is the offline default: small enough that the
+# default PPO run finishes on a laptop CPU in a few minutes, large enough to learn the built-in task.
+BUILTIN_ARCHS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False),
+    # The benchmark workload W1 (about 3.7 M parameters with a 1024-word vocabulary).
+    "w1": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSpecError(ValueError):
+    """A model or tokenizer spec that cannot be loaded (bad name, missing folder, wrong head)."""
+
+
+def is_builtin(spec: str | None) -> bool:
+    return isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX)
+
+
+def check_spec(spec: str, key: str) -> None:
+    """Fail fast, before any weights load, on a spec that cannot work.
+
+    A spec that looks like a path (starts with '.', '/', '~' or exists) must be a folder with a config.json.
+    """
+    if is_builtin(spec):
+        name = spec[len(BUILTIN_PREFIX):]
+        if key.endswith("tokenizer"):
+            if name != "words":
+                raise ModelSpecError(f"{key}: unknown built-in tokenizer {spec!r}; valid: builtin:words")
+        elif name not in BUILTIN_ARCHS:
+            raise ModelSpecError(f"{key}: unknown built-in model {spec!r}; valid: "
+                                 + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_ARCHS))
+        return
+    looks_local = spec.startswith((".", "/", "~")) or os.path.exists(spec)
+    if looks_local:
+        path = os.path.expanduser(spec)
+        if not os.path.isdir(path):
+            raise ModelSpecError(f"{key}: folder {spec!r} does not exist")
+        if not key.endswith("tokenizer") and not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelSpecError(f"{key}: folder {spec!r} has no config.json (incomplete checkpoint?)")
+
+
+def load_tokenizer(spec: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make it safe for batched generation.
+
+    A tokenizer without a pad token gets one: its EOS token if it has one (the usual choice for decoder-only models;
+    masks are explicit in this project, so pad == eos is never ambiguous), else a new ``<pad>`` token.
+    """
+    if is_builtin(spec):
+        from rlhf.tokenizers import builtin_tokenizer
+
+        tok = builtin_tokenizer()
+    else:
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.padding_side = padding_side
+    return tok
+
+
+def _builtin_config(name: str, tokenizer: PreTrainedTokenizerBase, num_labels: int | None = None) -> LlamaConfig:
+    cfg = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      attention_dropout=0.0, **BUILTIN_ARCHS[name])
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+    return cfg
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Dropout makes the rollout log-probs differ from the update's at ratio 1: RLHF turns it off everywhere."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, attr) and isinstance(getattr(model.config, attr), float):
+            setattr(model.config, attr, 0.0)
+    return model
+
+
+def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32",
+                   seed: int = 0) -> PreTrainedModel:
+    """Policy (and reference) model, ``(batch, seq) -> logits (batch, seq, vocab)``.
+
+    Built-in models are initialised with ``torch.manual_seed(seed)`` so the reference can be rebuilt identically.
+    """
+    if is_builtin(spec):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(_builtin_config(spec[len(BUILTIN_PREFIX):], tokenizer))
+        model.to(DTYPES[dtype])
+    else:
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(spec), dtype=DTYPES[dtype])
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return disable_dropout(model)
+
+
+def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", seed: int = 0,
+                     key: str = "model.reward") -> PreTrainedModel:
+    """Reward or value model: an ``AutoModelForSequenceClassification`` with exactly one label."""
+    if is_builtin(spec):
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            model = AutoModelForSequenceClassification.from_config(
+                _builtin_config(spec[len(BUILTIN_PREFIX):], tokenizer, num_labels=1))
+        model.to(DTYPES[dtype])
+    else:
+        path = os.path.expanduser(spec)
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, "num_labels", 1) != 1:
+            raise ModelSpecError(f"{key}: {spec!r} has {config.num_labels} labels; a reward model needs exactly 1")
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return disable_dropout(model)
+
+
+def value_model_from_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A critic that shares the policy's initial backbone weights, with a zero-initialised scalar head.
+
+    A zero head makes the first value estimates 0, so the first GAE advantages are the raw returns.
+    """
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    value = AutoModelForSequenceClassification.from_config(config).to(policy.dtype)
+    value.base_model.load_state_dict(policy.base_model.state_dict())
+    nn.init.zeros_(score_head(value).weight)
+    return disable_dropout(value)
+
+
+def score_head(model: PreTrainedModel) -> nn.Linear:
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Linear):
+            return head
+    raise ModelSpecError(f"{type(model).__name__} has no linear score head (looked for score/classifier/v_head)")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` 0/1 mask -> ``(batch, seq)`` positions counting real tokens only, so left padding matches
+    what ``generate`` uses."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-position scalar head output of a sequence-classification model.
+
+    input_ids, attention_mask: ``(batch, seq)``. Returns ``(batch, seq)`` float32.
+    """
+    backbone = model.base_model
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, seq)`` mask -> ``(batch,)`` index of the last 1 in each row."""
+    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, -1).amax(-1)
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward-model score read at the last non-pad token (the last 1 of ``attention_mask``).
+
+    input_ids, attention_mask: ``(batch, seq)``. Returns ``(batch,)`` float32.
+    """
+    scores = token_scores(model, input_ids, attention_mask)
+    return scores.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+
+@dataclass
+class Models:
+    """The models of one run. ``reference`` is None when no KL against it is needed (beta = 0)."""
+
+    policy: PreTrainedModel
+    reference: PreTrainedModel | None
+    reward: PreTrainedModel | None
+    value: PreTrainedModel | None
+    tokenizer: PreTrainedTokenizerBase
+    reward_tokenizer: PreTrainedTokenizerBase | None
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def same_tokenizer(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """True when token ids can be passed from one to the other without decoding and re-tokenizing."""
+    return a is b or (type(a) is type(b) and a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id)

@@ -1,0 +1,182 @@
+"""Rollout: sample responses, then score them with the policy, reference, critic and reward.
+
+Layout of one rollout batch (N = prompts x samples_per_prompt, samples of one prompt in consecutive rows):
+
+    query_ids      (N, Q)  left-padded prompt tokens       query_mask     (N, Q)
+    response_ids   (N, R)  right-padded after EOS          response_mask  (N, R)  1 up to and including EOS
+    logprobs       (N, R)  policy log-probs at sampling time (no grad)
+    ref_logprobs   (N, R)  reference log-probs, or None when no reference is loaded
+    values         (N, R)  critic values, or None without a critic
+    scores         (N,)    total sequence score (reward model and/or functions)
+
+Every mask is explicit; nothing downstream infers positions from pad ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.logprobs import entropy_from_logits, selective_log_softmax
+from rlhf.models import position_ids_from_mask, sequence_scores, token_scores
+
+
+class Rollout(NamedTuple):
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    values: torch.Tensor | None
+    scores: torch.Tensor
+    entropy: torch.Tensor
+
+
+class RewardFunctionError(ValueError):
+    """A reward function raised or returned something unusable. The message names the function."""
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
+    """``(N, R)`` generated ids -> ``(N, R)`` long mask: 1 up to and including the first EOS, 0 after.
+
+    Rows without EOS (cut at max_new_tokens) are all ones.
+    """
+    if eos_token_id is None:
+        return torch.ones_like(response_ids)
+    eos_ids = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
+    is_eos = torch.isin(response_ids, eos_ids).long()
+    # Tokens strictly after the first EOS have a cumulative EOS count that already counted it.
+    seen_before = is_eos.cumsum(-1) - is_eos
+    return (seen_before == 0).long()
+
+
+def has_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_token_id) -> torch.Tensor:
+    """``(N,)`` bool: the response ended with an EOS rather than being cut at max_new_tokens."""
+    if eos_token_id is None:
+        return torch.zeros(response_ids.shape[0], dtype=torch.bool, device=response_ids.device)
+    eos_ids = torch.as_tensor(eos_token_id, device=response_ids.device).reshape(-1)
+    return (torch.isin(response_ids, eos_ids) & response_mask.bool()).any(-1)
+
+
+def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
+             tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, min_new_tokens: int = 0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one response per row with a KV cache.
+
+    query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= max_new_tokens, padded
+    with the pad id after EOS) and ``response_mask (N, R)``.
+    """
+    gen_cfg = GenerationConfig(
+        do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
+        top_k=top_k if top_k > 0 else None, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    was_training = policy.training
+    policy.eval()
+    with torch.no_grad():
+        out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+    policy.train(was_training)
+    response_ids = out[:, query_ids.shape[1]:]
+    return response_ids, response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+
+
+def _concat(query_ids, query_mask, response_ids, response_mask):
+    return torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)
+
+
+def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float = 1.0,
+                    chunk_size: int = 1024, with_entropy: bool = False):
+    """Log-probs of the response tokens under ``model``, at the sampling temperature.
+
+    Shapes: query ``(N, Q)``, response ``(N, R)``. Returns ``logprobs (N, R)`` and, if asked, ``entropy (N, R)``
+    of the full next-token distribution. Gradients flow when called outside no_grad.
+    """
+    ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+    r = response_ids.shape[1]
+    # Only the R positions that predict response tokens need logits: logits[t] predicts ids[t + 1].
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                   use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = selective_log_softmax(logits, response_ids, chunk_size=chunk_size)
+    entropy = entropy_from_logits(logits.detach(), chunk_size=chunk_size) if with_entropy else None
+    return logprobs, entropy
+
+
+class TokenValues(torch.nn.Module):
+    """Wraps a one-label sequence-classification model as a critic: ``(N, S) -> (N, S)`` values per position.
+
+    A module of its own so that DDP/FSDP wrap the path the gradients really take.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_scores(self.model, input_ids, attention_mask)
+
+
+def response_values(critic: torch.nn.Module, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+    """Critic values of the states before each response token: ``(N, R)``, aligned with the log-probs."""
+    ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+    q, r = query_ids.shape[1], response_ids.shape[1]
+    return critic(ids, mask)[:, q - 1:q + r - 1]
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, response_ids: torch.Tensor,
+                     response_mask: torch.Tensor) -> list[str]:
+    """Response text up to (not including) EOS."""
+    rows = [ids[m.bool()].tolist() for ids, m in zip(response_ids, response_mask)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def reward_model_scores(reward_model: PreTrainedModel, policy_tokenizer: PreTrainedTokenizerBase,
+                        reward_tokenizer: PreTrainedTokenizerBase | None, query_ids, query_mask, response_ids,
+                        response_mask, prompts: list[str] | None = None,
+                        completions: list[str] | None = None) -> torch.Tensor:
+    """``(N,)`` reward-model score at the last real token of prompt + response.
+
+    With the policy's tokenizer the token ids are reused; with a different one the text is decoded and
+    re-tokenized (right-padded, so the last real token is the last 1 of its attention mask).
+    """
+    if reward_tokenizer is None:
+        ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)
+        return sequence_scores(reward_model, ids, mask)
+    texts = [p + " " + c if c else p for p, c in zip(prompts, completions)]
+    eos = reward_tokenizer.eos_token or ""
+    enc = reward_tokenizer([t + eos for t in texts], return_tensors="pt", padding=True,
+                           padding_side="right", add_special_tokens=True)
+    device = query_ids.device
+    return sequence_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+
+
+def call_reward_function(fn: Callable, name: str, prompts: list[str], completions: list[str]) -> torch.Tensor:
+    """Run ``fn(prompts, completions)`` and check what it returns: ``(N,)`` float32 tensor.
+
+    Any failure (it raised; wrong length; not numbers; NaN or inf) is a RewardFunctionError naming ``name``.
+    """
+    try:
+        out = fn(prompts, completions)
+    except Exception as e:
+        raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().cpu().reshape(-1).tolist()
+    if not isinstance(out, (list, tuple)):
+        raise RewardFunctionError(f"reward function {name} returned {type(out).__name__}; expected a list of floats")
+    if len(out) != len(completions):
+        raise RewardFunctionError(f"reward function {name} returned {len(out)} scores for {len(completions)} "
+                                  "completions")
+    bad_type = [type(x).__name__ for x in out if isinstance(x, bool) or not isinstance(x, (int, float))]
+    if bad_type:
+        raise RewardFunctionError(f"reward function {name} returned a {bad_type[0]}; expected floats")
+    bad = [i for i, x in enumerate(out) if not math.isfinite(x)]
+    if bad:
+        raise RewardFunctionError(f"reward function {name} returned a non-finite score ({out[bad[0]]}) for "
+                                  f"completion {bad[0]}")
+    return torch.tensor(out, dtype=torch.float32)

@@ -1,0 +1,83 @@
+"""Metrics sinks: ``metrics.jsonl`` (what sweeps and reports read), TensorBoard and, optionally, W&B.
+
+Only the main process writes. On resume the JSONL file is cut back to the resumed step, so a resumed run's file
+reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+    """Drop lines with ``step > last_step`` (written after the checkpoint we resume from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, wandb: bool, wandb_project: str,
+                 config: dict | None = None):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(run_dir, "samples.jsonl")
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise ImportError("logging.wandb=true needs the wandb package: pip install 'rlhf[wandb]'") from None
+            self.wandb = wb.init(project=wandb_project, config=config, dir=run_dir)
+
+    def log(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        step = metrics["step"]
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
+        with open(self.samples_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        if self.tb is not None:
+            table = "| prompt | completion | score |\n|---|---|---|\n" + "\n".join(
+                f"| {r['prompt']} | {r['completion']} | {r['score']:.3f} |" for r in rows)
+            self.tb.add_text("samples", table, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
