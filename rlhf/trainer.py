@@ -73,7 +73,7 @@ class PolicyTrainer:
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
         self.acc = accelerator or Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision)
-        self.run_dir = cfg.run_dir
+        self.run_dir = self._shared_run_dir(cfg.run_dir)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.resume_from = self._resolve_resume(t.resume)
 
@@ -115,6 +115,14 @@ class PolicyTrainer:
             truncate_metrics(self.logger.samples_path, self.start_step - 1)
 
     # ------------------------------------------------------------------ setup
+    def _shared_run_dir(self, run_dir: str) -> str:
+        """Hydra names each process's job folder by the time it started; all processes use rank 0's."""
+        if self.acc.num_processes == 1:
+            return run_dir
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([run_dir], from_process=0)[0]
+
     def _resolve_resume(self, resume: str | None) -> str | None:
         if resume is None:
             return None
@@ -238,6 +246,8 @@ class PolicyTrainer:
 
         metrics = self.step_metrics(step, rollout, gold, beta, update_stats, ev)  # 6. log
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
+        metrics["time/generated_tokens_per_s"] = (metrics["response_length"] * cfg.rollout.prompts_per_step
+                                                  * cfg.rollout.samples_per_prompt / max(t_generate, 1e-9))
         metrics.update({"time/generate_s": t_generate, "time/score_s": t_score, "time/update_s": t_update,
                         "time/step_s": time.perf_counter() - t0})
         if cfg.trainer.sample_every and step % cfg.trainer.sample_every == 0:
@@ -271,7 +281,7 @@ class PolicyTrainer:
             min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
-        with torch.no_grad():
+        with torch.no_grad(), self.acc.autocast():
             logprobs, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
                                                 chunk_size=r.logprob_chunk_size, with_entropy=True)
             ref_logprobs = None
@@ -292,7 +302,7 @@ class PolicyTrainer:
         dev = self.acc.device
         scores = torch.zeros(len(completions), device=dev)
         if self.models.reward is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.acc.autocast():
                 rm = reward_model_scores(self.models.reward, tok, self.models.reward_tokenizer, ro.query_ids,
                                          ro.query_mask, ro.response_ids, ro.response_mask, texts_p, completions)
             if not torch.isfinite(rm).all():
@@ -478,6 +488,8 @@ class PolicyTrainer:
         out["policy/lr"] = self.scheduler.get_last_lr()[0]
         if ev is not None:
             out["value/explained_variance"] = float(ev)
+        if torch.cuda.is_available():
+            out["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         return out
 
     def log_samples(self, step: int, prompts: list[str], completions: list[str], scores: torch.Tensor,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Short GPU check (a few minutes): bf16 PPO and RLOO steps on one GPU with the W1-sized model.
+# Prints one JSON line per run: median step time (steps >= 2), the generate/score/update split, generated
+# tokens per second and peak GPU memory. Usage: bash scripts/device_check.sh [out_dir]
+set -euo pipefail
+out=${1:-${OUT:-/tmp/device_check}}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+run() {
+  local name=$1; shift
+  python scripts/train_policy.py model.policy=builtin:w1 trainer.mixed_precision=bf16 trainer.max_steps=12 \
+    rollout.prompts_per_step=64 rollout.samples_per_prompt=4 rollout.max_new_tokens=32 rollout.min_new_tokens=32 \
+    trainer.ppo_epochs=1 trainer.minibatches=1 trainer.save_every=0 logging.progress=false logging.tensorboard=false \
+    hydra.run.dir="$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; exit 1; }
+  python - "$out/$name/metrics.jsonl" "$name" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1])][2:]
+med = lambda k: statistics.median(r[k] for r in rows)
+print(json.dumps({"run": sys.argv[2], "steps_timed": len(rows), "step_s": round(med("time/step_s"), 4),
+                  "generate_s": round(med("time/generate_s"), 4), "score_s": round(med("time/score_s"), 4),
+                  "update_s": round(med("time/update_s"), 4),
+                  "gen_tokens_per_s": round(med("time/generated_tokens_per_s")),
+                  "peak_gb": round(max(r.get("memory/peak_gb", 0) for r in rows), 3),
+                  "final_score": round(rows[-1]["score"], 3), "final_kl": round(rows[-1]["kl"], 3)}))
+PY
+}
+run ppo_bf16 algorithm=ppo
+run rloo_bf16 algorithm=rloo
+run rloo_fp32 algorithm=rloo trainer.mixed_precision=no
