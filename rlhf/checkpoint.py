@@ -17,7 +17,11 @@ MARKER = "COMPLETE"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that does not exist or is incomplete."""
+    """A checkpoint folder that does not exist, is incomplete, or does not fit the run's config."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (usually a full disk). The previous checkpoint is intact."""
 
 
 def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
@@ -34,6 +38,7 @@ def list_checkpoints(ckpt_root: str) -> list[tuple[int, str]]:
 
 
 def latest_checkpoint(ckpt_root: str) -> str | None:
+    """The newest complete checkpoint under ``ckpt_root``, or None when there is none."""
     ckpts = list_checkpoints(ckpt_root)
     return ckpts[-1][1] if ckpts else None
 
@@ -50,21 +55,22 @@ def check_checkpoint(path: str, key: str = "trainer.resume") -> None:
 def save_checkpoint(ckpt_root: str, step: int, write_fn, keep_last: int) -> str:
     """Call ``write_fn(tmp_dir)`` to fill a fresh folder, then publish it atomically as ``step_<step>``.
 
-    Older complete checkpoints beyond ``keep_last`` are deleted only after the new one is in place.
+    Older complete checkpoints beyond ``keep_last`` are deleted only after the new one is in place. Any failure
+    while writing (a full disk, most often) removes the partial folder and raises CheckpointWriteError.
     """
-    os.makedirs(ckpt_root, exist_ok=True)
     final = os.path.join(ckpt_root, f"step_{step}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     try:
+        os.makedirs(tmp)
         write_fn(tmp)
         with open(os.path.join(tmp, MARKER), "w") as f:
             f.write(str(step))
-    except OSError as e:
+    except Exception as e:
+        # A full disk surfaces as OSError, as safetensors' SafetensorError or as a RuntimeError from torch.save,
+        # so every failure is reported the same way: what failed, and how much room is left.
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"writing checkpoint {final} failed ({e.strerror or e}); free disk space or set run_dir "
-                      "to a folder with room") from e
+        raise CheckpointWriteError(_write_failure(ckpt_root, final, e)) from e
     if os.path.exists(final):
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -74,6 +80,17 @@ def save_checkpoint(ckpt_root: str, step: int, write_fn, keep_last: int) -> str:
     for _, old in list_checkpoints(ckpt_root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_failure(ckpt_root: str, final: str, err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    reason = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    try:
+        free = f"{shutil.disk_usage(ckpt_root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return (f"run_dir: writing checkpoint {final} failed ({reason}; {free}); free disk space or set run_dir "
+            "(hydra.run.dir) to a disk with room. The previous checkpoint is intact")
 
 
 def load_trainer_state(path: str) -> dict:

@@ -9,6 +9,7 @@ runs before any model loads.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -251,7 +252,208 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
                 check_spec(spec, f"model.{key}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    for key in ("reward", "value"):
+        _check_one_label(cfg.model[key], f"model.{key}")
+    _check(cfg.data.num_prompts > 0, "data.num_prompts", "must be > 0")
     for key in ("function", "gold"):
         if cfg.reward[key] is not None:
             import_function(cfg.reward[key], f"reward.{key}")
+    return cfg
+
+
+def _check_one_label(spec: str | None, key: str) -> None:
+    """A reward or value model folder must be a sequence classifier with exactly one label. Only its config.json is
+    read, so a wrong folder fails here rather than after the policy has loaded."""
+    if spec is None or not os.path.isfile(os.path.join(os.path.expanduser(spec), "config.json")):
+        return  # built-in models have one label; hub ids are checked when they load
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(os.path.expanduser(spec))
+    archs = conf.architectures or []
+    _check(not archs or any(a.endswith("ForSequenceClassification") for a in archs), key,
+           f"{spec!r} is a {archs[0] if archs else '?'}; a reward or value model is an "
+           "AutoModelForSequenceClassification with 1 label")
+    _check(conf.num_labels == 1, key, f"{spec!r} has {conf.num_labels} labels; a reward or value model needs exactly 1")
+
+
+# ---------------------------------------------------------------------- SFT and reward-model training
+@dataclass
+class StageModelConfig:
+    init: str = MISSING
+    tokenizer: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class SupervisedTrainerConfig:
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = 256
+    eval_every: int = 50
+    lr: float = MISSING
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    log_every: int = 1
+    cpu: bool = False
+    mixed_precision: str = "no"
+    torch_threads: int | None = None
+
+
+@dataclass
+class SFTDataConfig:
+    source: str = MISSING
+    eval_source: str | None = None
+    format: str = "prompt_completion"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    text_column: str = "text"
+    messages_column: str = "messages"
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_train: int | None = None
+    num_eval: int | None = None
+    max_length: int = 128
+    completion_only: bool = True
+    add_eos: bool = True
+
+
+@dataclass
+class SFTConfig:
+    seed: int = 0
+    run_dir: str = MISSING
+    model: StageModelConfig = field(default_factory=StageModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    trainer: SupervisedTrainerConfig = field(default_factory=SupervisedTrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass
+class RewardDataConfig:
+    source: str = MISSING
+    eval_source: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_train: int | None = None
+    num_eval: int | None = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    margin_column: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    temperature: float = 0.2
+    noise_std: float = 0.0
+    label_threshold: float | None = None
+    max_length: int = 128
+
+
+@dataclass
+class RewardLossConfig:
+    center_coef: float = 0.0
+    regression: str = "mse"
+    huber_delta: float = 1.0
+
+
+@dataclass
+class RewardTrainingConfig:
+    seed: int = 0
+    run_dir: str = MISSING
+    objective: str = "pairwise"
+    model: StageModelConfig = field(default_factory=StageModelConfig)
+    data: RewardDataConfig = field(default_factory=RewardDataConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    trainer: SupervisedTrainerConfig = field(default_factory=SupervisedTrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+REWARD_OBJECTIVES = ["pairwise", "regression", "binary"]
+SFT_FORMATS = ["prompt_completion", "text", "messages"]
+
+
+def _check_stage_model(m: DictConfig) -> None:
+    from rlhf.models import DTYPES, check_spec
+
+    _check_choice(m.dtype, "model.dtype", list(DTYPES))
+    for key in ("init", "tokenizer"):
+        if m[key] is not None:
+            try:
+                check_spec(m[key], f"model.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+
+
+def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
+    _check(t.max_steps > 0, "trainer.max_steps", "must be > 0")
+    _check(t.batch_size > 0, "trainer.batch_size", "must be > 0")
+    _check(t.batch_size % world_size == 0, "trainer.batch_size",
+           f"{t.batch_size} rows do not split over {world_size} processes")
+    _check(t.eval_batch_size > 0, "trainer.eval_batch_size", "must be > 0")
+    _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = only before and after training)")
+    _check(t.lr > 0, "trainer.lr", "must be > 0")
+    _check(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
+           "must be two numbers in [0, 1)")
+    _check(0 <= t.warmup_steps <= t.max_steps, "trainer.warmup_steps",
+           f"must be in [0, trainer.max_steps={t.max_steps}]")
+    _check_choice(t.scheduler, "trainer.scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
+    _check(t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0 or null")
+    _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
+    _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16", "fp16"])
+    _check(t.torch_threads is None or t.torch_threads > 0, "trainer.torch_threads", "must be > 0 or null")
+
+
+def _looks_like_file(source: str) -> bool:
+    from rlhf.data import FILE_BUILDERS
+
+    return not source.startswith("builtin:") and (
+        os.path.splitext(source)[1].lower() in FILE_BUILDERS or os.path.exists(os.path.expanduser(source)))
+
+
+def _check_stage_data(d: DictConfig) -> None:
+    _check(d.max_length >= 2, "data.max_length", "must be >= 2")
+    _check(d.num_train is None or d.num_train > 0, "data.num_train", "must be > 0 or null (all rows)")
+    _check(d.num_eval is None or d.num_eval >= 0, "data.num_eval",
+           "must be >= 0 (0 = no evaluation) or null (all rows)")
+    # A file holds one split, so evaluating on the same file would report training-set numbers as held-out ones.
+    _check(d.eval_source is not None or d.num_eval == 0 or not _looks_like_file(d.source), "data.eval_source",
+           f"data.source {d.source!r} is a file, which holds one split: name a held-out file here or set "
+           "data.num_eval=0")
+
+
+def validate_sft_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Type-check and value-check a composed SFT config (configs/sft.yaml). Returns the typed, resolved config.
+
+    Raises ConfigError with a message ``"<key>: <problem>"``, before any data or model loads.
+    """
+    cfg = _typed(cfg, SFTConfig)
+    _check_stage_model(cfg.model)
+    _check_supervised_trainer(cfg.trainer, world_size)
+    _check_stage_data(cfg.data)
+    _check_choice(cfg.data.format, "data.format", SFT_FORMATS)
+    return cfg
+
+
+def validate_reward_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Type-check and value-check a composed reward-model config (configs/reward.yaml). Returns the typed config.
+
+    Raises ConfigError with a message ``"<key>: <problem>"``, before any data or model loads.
+    """
+    cfg = _typed(cfg, RewardTrainingConfig)
+    _check_choice(cfg.objective, "objective", REWARD_OBJECTIVES)
+    _check_stage_model(cfg.model)
+    _check_supervised_trainer(cfg.trainer, world_size)
+    _check_stage_data(cfg.data)
+    d, loss = cfg.data, cfg.loss
+    _check(d.temperature > 0, "data.temperature", "must be > 0")
+    _check(d.noise_std >= 0, "data.noise_std", "must be >= 0")
+    _check(d.margin_column is None or cfg.objective == "pairwise", "data.margin_column",
+           f"only the pairwise objective uses a margin, not {cfg.objective!r}")
+    _check(d.label_threshold is None or cfg.objective == "binary", "data.label_threshold",
+           f"only the binary objective thresholds labels, not {cfg.objective!r}")
+    _check(loss.center_coef >= 0, "loss.center_coef", "must be >= 0")
+    _check_choice(loss.regression, "loss.regression", ["mse", "huber"])
+    _check(loss.huber_delta > 0, "loss.huber_delta", "must be > 0")
     return cfg

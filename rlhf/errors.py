@@ -1,20 +1,25 @@
-"""Errors a user can act on. Scripts print their one-line message and exit with status 2, with no traceback."""
+"""Errors a user can act on. Scripts print their one-line message and exit with status 2, with no traceback.
+
+A run stopped by SIGINT or SIGTERM writes its checkpoint, prints one line and exits with 128 + the signal number
+(130, 143), as a shell does for a process the signal ended, so schedulers still see it did not finish.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from rlhf.checkpoint import CheckpointError
+    from rlhf.checkpoint import CheckpointError, CheckpointWriteError
     from rlhf.config import ConfigError
     from rlhf.models import ModelSpecError
     from rlhf.rollout import RewardFunctionError
     from rlhf.trainer import TrainingError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ModelSpecError, RewardFunctionError,
-                                         TrainingError]
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, CheckpointWriteError, ModelSpecError,
+                                         RewardFunctionError, TrainingError]
     try:
         from rlhf.data import DataError
 
@@ -24,6 +29,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _interrupted() -> tuple[type[BaseException], ...]:
+    from rlhf.trainer import TrainingInterrupted
+
+    return (TrainingInterrupted,)
+
+
 def exit_on_user_error(fn):
     """Decorator for script entry points: a user error becomes ``error: <message>`` on stderr and exit code 2."""
 
@@ -31,6 +42,9 @@ def exit_on_user_error(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except _interrupted() as e:
+            print(f"interrupted: {e}", file=sys.stderr, flush=True)
+            sys.exit(128 + e.signum)
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
@@ -43,3 +57,55 @@ def exit_on_user_error(fn):
             raise
 
     return wrapper
+
+
+def one_line_hydra_errors(entry):
+    """Wrap a ``@hydra.main`` entry point so that a bad command-line override (unknown key without ``+``, unknown
+    config-group option, unparsable value) is one ``error: <key>: <problem>`` line and exit code 2, like every
+    other user error, instead of Hydra's multi-line report and exit code 1.
+
+    Hydra prints that report itself unless HYDRA_FULL_ERROR=1, in which case it raises; the wrapper sets it for the
+    call and catches the composition errors. Anyone who set HYDRA_FULL_ERROR=1 still gets Hydra's traceback.
+    Usage: ``one_line_hydra_errors(main)()`` under ``if __name__ == "__main__":``.
+    """
+
+    @functools.wraps(entry)
+    def wrapper(*args, **kwargs):
+        from hydra.errors import ConfigCompositionException, OverrideParseException
+
+        user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return entry(*args, **kwargs)
+        except (ConfigCompositionException, OverrideParseException) as e:
+            if user_wants_traceback:
+                raise
+            print(f"error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        finally:
+            if not user_wants_traceback:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+
+    return wrapper
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def hydra_error_message(e: BaseException) -> str:
+    """One ``<key>: <problem>`` line for a Hydra composition or override-parsing error."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in e.missing_cfg_file:
+        group, _, name = e.missing_cfg_file.rpartition("/")
+        valid = f"; valid: {', '.join(e.options)}" if e.options else ""
+        return f"{group}: unknown option {name!r}{valid}"
+    if isinstance(e, OverrideParseException):
+        return f"{e.override}: cannot parse this override ({_first_line(e.message)})"
+    key = getattr(e.__cause__, "full_key", None)
+    if key:
+        problem = _first_line(str(e.__cause__))
+        return f"{key}: {'unknown key' if 'not in struct' in problem else problem}"
+    return _first_line(str(e))

@@ -20,22 +20,34 @@ import copy
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
 from rlhf.advantages import ADVANTAGE_ESTIMATORS
-from rlhf.checkpoint import check_checkpoint, latest_checkpoint, load_trainer_state, save_checkpoint
-from rlhf.config import import_function
+from rlhf.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    check_checkpoint,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from rlhf.config import ConfigError, import_function
 from rlhf.kl import build_kl_controller, per_token_kl, shape_rewards
 from rlhf.losses import masked_mean, masked_whiten
 from rlhf.models import (
+    BUILTIN_ARCHS,
+    BUILTIN_PREFIX,
     Models,
     freeze,
+    is_builtin,
     load_causal_lm,
     load_score_model,
     load_tokenizer,
@@ -61,6 +73,34 @@ class TrainingError(RuntimeError):
     """The run cannot go on (too many non-finite updates, ...). The message says what to change."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; its checkpoint is written. ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _context_length(spec: str) -> int | None:
+    """The policy's context in tokens, read from its config without loading weights; None when it has no limit."""
+    if is_builtin(spec) and spec[len(BUILTIN_PREFIX):] in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[spec[len(BUILTIN_PREFIX):]].get("max_position_embeddings")
+    from transformers import AutoConfig
+
+    from rlhf.models import resolve_spec
+
+    return getattr(AutoConfig.from_pretrained(os.path.expanduser(resolve_spec(spec))), "max_position_embeddings",
+                   None)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the RuntimeError a CPU allocation failure raises."""
+    if isinstance(err, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Sampling and shuffling are re-seeded every step, so a resumed run draws exactly what the original drew."""
     return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
@@ -77,9 +117,11 @@ class PolicyTrainer:
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.resume_from = self._resolve_resume(t.resume)
 
+        # Data problems are found before any weights load: prompts and their lengths need only the tokenizer.
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
         self.prompts = self._load_prompts()
-        self.models = self._load_models()
-        self._check_prompt_lengths()
+        self._check_prompt_lengths(tokenizer)
+        self.models = self._load_models(tokenizer)
         self.policy_loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
         self.reward_fn = import_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
@@ -89,6 +131,7 @@ class PolicyTrainer:
         self.policy = self.models.policy
         self.critic = TokenValues(self.models.value) if self.models.value is not None else None
         self.optimizer = self._build_optimizer()
+        self._check_backend()
         if self.critic is not None:
             self.policy, self.critic, self.optimizer = self.acc.prepare(self.policy, self.critic, self.optimizer)
         else:
@@ -97,38 +140,54 @@ class PolicyTrainer:
         self.scheduler = get_scheduler(t.scheduler, self.optimizer,
                                        num_warmup_steps=t.warmup_steps,
                                        num_training_steps=t.max_steps * t.ppo_epochs * t.minibatches)
-        for m in (self.models.reference, self.models.reward):
-            if m is not None:
-                m.to(self.acc.device)
+        self.models.reference = self._place_frozen(self.models.reference)
+        self.models.reward = self._place_frozen(self.models.reward)
 
         self.start_step = 0
         self.nonfinite_steps = 0
-        self.stop_requested = False
+        self.stop_signal: int | None = None
         if self.resume_from:
             self._load_state(self.resume_from)
         self.logger = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process,
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project,
                                     config=OmegaConf.to_container(cfg, resolve=True))
-        if self.acc.is_main_process and self.resume_from:
+        # Also with resume=auto and no checkpoint yet: lines a killed run logged past its checkpoint are dropped.
+        if self.acc.is_main_process and t.resume is not None:
             truncate_metrics(self.logger.path, self.start_step - 1)
             truncate_metrics(self.logger.samples_path, self.start_step - 1)
 
     # ------------------------------------------------------------------ setup
     def _shared_run_dir(self, run_dir: str) -> str:
         """Hydra names each process's job folder by the time it started; all processes use rank 0's."""
+        return self._from_main_process(run_dir)
+
+    def _from_main_process(self, value):
+        """``value`` as the main process has it, on every process (a picklable object; collective)."""
         if self.acc.num_processes == 1:
-            return run_dir
+            return value
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list([run_dir], from_process=0)[0]
+        return broadcast_object_list([value], from_process=0)[0]
 
     def _resolve_resume(self, resume: str | None) -> str | None:
+        """The checkpoint every process resumes from, the same on all of them (any world size may resume it)."""
         if resume is None:
             return None
         if resume == "auto":
-            return latest_checkpoint(self.ckpt_root)
-        check_checkpoint(resume)
+            # The main process's choice: another machine's copy of run_dir may hold an older checkpoint, or none.
+            resume = self._from_main_process(latest_checkpoint(self.ckpt_root))
+            if resume is None:
+                warnings.warn(f"trainer.resume=auto: no complete checkpoint under {self.ckpt_root}; starting at "
+                              "step 0", stacklevel=2)
+                return None
+        try:
+            check_checkpoint(resume)
+        except CheckpointError as e:
+            if self.acc.is_main_process:
+                raise
+            raise CheckpointError(f"{e} on process {self.acc.process_index}; every machine must see run_dir "
+                                  "(a shared filesystem)") from None
         return resume
 
     def _load_prompts(self) -> list[str]:
@@ -137,30 +196,35 @@ class PolicyTrainer:
         d = self.cfg.data
         return load_prompts(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=self.cfg.seed)
 
-    def _check_prompt_lengths(self) -> None:
-        """Prompts longer than data.max_prompt_length are refused (truncating would change the task silently)."""
-        tok = self.models.tokenizer
-        limit = self.cfg.data.max_prompt_length
+    def _check_prompt_lengths(self, tok) -> None:
+        """Prompts longer than data.max_prompt_length are refused, not truncated (a cut prompt is silently another
+        task), and the longest allowed prompt plus the response must fit the policy's context."""
+        from rlhf.data import DataError
+
+        d, new_tokens = self.cfg.data, self.cfg.rollout.max_new_tokens
+        limit = d.max_prompt_length
+        ctx = _context_length(self.cfg.model.policy)
+        if ctx is not None and limit + new_tokens > ctx:
+            raise ConfigError(f"data.max_prompt_length: {limit} + rollout.max_new_tokens {new_tokens} exceeds the "
+                              f"policy's context of {ctx} tokens; lower one of them")
         lengths = [len(ids) for ids in tok(self.prompts, add_special_tokens=True)["input_ids"]]
         for i, n in enumerate(lengths):
             if n > limit:
-                raise ValueError(f"data.max_prompt_length: prompt {i} of {self.cfg.data.prompts} has {n} tokens "
-                                 f"> {limit}; shorten it or raise data.max_prompt_length")
-        ctx = getattr(self.models.policy.config, "max_position_embeddings", None)
-        if ctx is not None and limit + self.cfg.rollout.max_new_tokens > ctx:
-            raise ValueError(f"data.max_prompt_length: {limit} + rollout.max_new_tokens "
-                             f"{self.cfg.rollout.max_new_tokens} exceeds the model's context of {ctx} tokens")
+                raise DataError(f"data.max_prompt_length: prompt {i} (0-based) of {d.prompts!r} has {n} tokens > "
+                                f"{limit}; prompts are refused, not truncated: shorten or drop it, or raise "
+                                "data.max_prompt_length")
 
-    def _load_models(self) -> Models:
+    def _load_models(self, tok) -> Models:
         cfg, m = self.cfg, self.cfg.model
-        tok = load_tokenizer(m.tokenizer or m.policy)
         policy_spec = os.path.join(self.resume_from, "policy") if self.resume_from else m.policy
         policy = load_causal_lm(policy_spec, tok, m.dtype, seed=cfg.seed)
         need_ref = cfg.kl.beta > 0 or cfg.kl.log_at_zero_beta or cfg.kl.controller == "adaptive"
         reference = None
         if need_ref:
-            # The reference is the starting policy, also when the policy itself comes from a checkpoint.
-            reference = freeze(copy.deepcopy(policy) if not self.resume_from
+            # The reference is the starting policy, also when the policy itself comes from a checkpoint. Under
+            # ZeRO-3 transformers builds models already partitioned (zero.Init), and those cannot be deep-copied.
+            copyable = not self.resume_from and self._zero_stage() != 3
+            reference = freeze(copy.deepcopy(policy) if copyable
                                else load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed))
         reward = reward_tok = None
         if m.reward is not None:
@@ -189,9 +253,70 @@ class PolicyTrainer:
             groups.append({"params": [p for p in self.critic.parameters() if p.requires_grad], "lr": t.value_lr})
         return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
 
+    # ------------------------------------------------------------------ distributed backends
+    def _check_backend(self) -> None:
+        """Refuse what this trainer cannot do correctly under FSDP or DeepSpeed (a one-line ConfigError), and give
+        DeepSpeed the micro-batch size it would otherwise read from a DataLoader (the trainer has none).
+        DDP (one or many machines) needs nothing here. See docs/distributed.md."""
+        dist_type, t, r = self.acc.distributed_type, self.cfg.trainer, self.cfg.rollout
+        if dist_type == DistributedType.FSDP:
+            raise ConfigError("accelerate config: FSDP is not supported yet (decoding on a sharded policy needs "
+                              "every rank to step in lockstep, and AdamW's sharded state needs gathering to be "
+                              "saved); shard the policy with configs/accelerate/deepspeed_zero3.yaml, or use ddp.yaml")
+        if dist_type != DistributedType.DEEPSPEED:
+            return
+        if self.critic is not None:
+            raise ConfigError("algorithm.critic: DeepSpeed prepares one model per Accelerator and PPO trains two "
+                              "(policy and critic); use algorithm=rloo, grpo or reinforce_pp, or the DDP config")
+        if t.grad_accum != 1:
+            raise ConfigError(f"trainer.grad_accum: {t.grad_accum}, but under DeepSpeed every backward pass ends in "
+                              "an optimizer step; set trainer.grad_accum=1 (or use the DDP config)")
+        ds = self.acc.state.deepspeed_plugin.deepspeed_config
+        if ds.get("gradient_accumulation_steps", 1) not in (1, "auto"):
+            raise ConfigError(f"accelerate config: deepspeed_config.gradient_accumulation_steps is "
+                              f"{ds['gradient_accumulation_steps']}; it must be 1 (the trainer's loss scaling already "
+                              "averages over the minibatch)")
+        clip = ds.get("gradient_clipping")
+        if clip not in (None, "auto") and float(clip) != float(t.max_grad_norm or 0.0):
+            raise ConfigError(f"trainer.max_grad_norm: {t.max_grad_norm}, but DeepSpeed clips at its own "
+                              f"gradient_clipping={clip} inside its step; make the two equal")
+        rollouts = r.prompts_per_step * r.samples_per_prompt // self.acc.num_processes
+        ds["train_micro_batch_size_per_gpu"] = rollouts // (t.minibatches * t.grad_accum)
+
+    def _zero_stage(self) -> int | None:
+        """DeepSpeed's ZeRO stage, or None without DeepSpeed."""
+        if self.acc.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        return self.acc.state.deepspeed_plugin.zero_stage
+
+    def _place_frozen(self, model: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The reference and reward models only run forward passes. Under ZeRO-3 they are sharded like the policy,
+        as DeepSpeed engines without an optimizer; everywhere else each process holds a whole copy."""
+        if model is None or self._zero_stage() != 3:
+            return model.to(self.acc.device) if model is not None else None
+        import deepspeed
+
+        # The policy's prepared config (stage 3, precision, filled-in batch sizes); no optimizer is attached.
+        config = copy.deepcopy(self.acc.state.deepspeed_plugin.deepspeed_config)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
+    def _optimizer_state(self) -> dict | None:
+        """AdamW's state for a checkpoint. Under DDP it is whole and the same on every process, so any world size
+        can resume from it. DeepSpeed partitions it over the processes: it is not saved, and a resumed run restarts
+        AdamW's moments (with a warning)."""
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+            return None
+        return self.optimizer.state_dict()
+
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
-        """Run from ``start_step`` to ``trainer.max_steps``; returns the logged metrics of this process."""
+        """Run from ``start_step`` to ``trainer.max_steps``; returns the logged metrics of this process.
+
+        SIGINT or SIGTERM stop the run after the current step: its checkpoint is written, then TrainingInterrupted
+        is raised. Running out of memory raises TrainingError saying which settings to lower.
+        """
         cfg = self.cfg
         history = []
         old_handlers = self._install_signal_handlers()
@@ -203,7 +328,12 @@ class PolicyTrainer:
         try:
             step = self.start_step
             for step in range(self.start_step, cfg.trainer.max_steps):
-                metrics = self.train_step(step)
+                try:
+                    metrics = self.train_step(step)
+                except (RuntimeError, MemoryError) as e:  # torch.cuda.OutOfMemoryError is a RuntimeError
+                    if not is_out_of_memory(e):
+                        raise
+                    raise TrainingError(self._out_of_memory_message(step, e)) from e
                 history.append(metrics)
                 if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps - 1:
                     self.logger.log(metrics)
@@ -212,13 +342,17 @@ class PolicyTrainer:
                                     reward=f"{metrics['reward']:.3f}")
                     bar.update(1)
                 done = step + 1
-                if self._stop_agreed():
-                    self.save(done)
-                    break
+                signum = self._stop_agreed()
+                if signum is not None and done < cfg.trainer.max_steps:
+                    path = self.save(done) or os.path.join(self.ckpt_root, f"step_{done}")
+                    raise TrainingInterrupted(
+                        f"{signal.Signals(signum).name} after step {step}: checkpoint {path} written; continue with "
+                        f"trainer.resume=auto hydra.run.dir={self.run_dir}", signum)
                 if cfg.trainer.save_every and done % cfg.trainer.save_every == 0 and done < cfg.trainer.max_steps:
                     self.save(done)
             else:
-                self.save(cfg.trainer.max_steps)
+                if self.start_step < cfg.trainer.max_steps:  # a run resumed at its last step has nothing new
+                    self.save(cfg.trainer.max_steps)
         finally:
             if bar is not None:
                 bar.close()
@@ -237,12 +371,19 @@ class PolicyTrainer:
         scores, gold, completions = self.score(prompts, rollout)                  # 2. score
         rollout = rollout._replace(scores=scores)
         t_score = time.perf_counter() - t0 - t_generate
-        kl_tok = self.kl_per_token(rollout, cfg.kl.estimator)
-        rewards = self.shape(rollout, kl_tok, beta)                               # 3. shape
-        advantages, returns, ev = self.estimate(rollout, rewards)                 # 4. estimate
-        t1 = time.perf_counter()
-        update_stats = self.update(rollout, advantages, returns, beta)            # 5. update
-        t_update = time.perf_counter() - t1
+        update_stats, ev, t_update = {}, None, 0.0
+        # A NaN score would make every advantage of the batch NaN (whitening and baselines mix rows): skip the step.
+        if self._any_process(not bool(torch.isfinite(scores).all())):
+            self._count_nonfinite(step, f"model.reward {cfg.model.reward} returned a non-finite score")
+        else:
+            kl_tok = self.kl_per_token(rollout, cfg.kl.estimator)
+            rewards = self.shape(rollout, kl_tok, beta)                           # 3. shape
+            advantages, returns, ev = self.estimate(rollout, rewards)             # 4. estimate
+            t1 = time.perf_counter()
+            update_stats = self.update(rollout, advantages, returns, beta)        # 5. update
+            t_update = time.perf_counter() - t1
+            if update_stats["policy/skipped_updates"] > 0:
+                self._count_nonfinite(step, "a non-finite loss or gradient")
 
         metrics = self.step_metrics(step, rollout, gold, beta, update_stats, ev)  # 6. log
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
@@ -250,6 +391,7 @@ class PolicyTrainer:
                                                   * cfg.rollout.samples_per_prompt / max(t_generate, 1e-9))
         metrics.update({"time/generate_s": t_generate, "time/score_s": t_score, "time/update_s": t_update,
                         "time/step_s": time.perf_counter() - t0})
+        metrics["nonfinite_steps"] = self.nonfinite_steps
         if cfg.trainer.sample_every and step % cfg.trainer.sample_every == 0:
             self.log_samples(step, prompts, completions, rollout.scores)
         return metrics
@@ -305,8 +447,6 @@ class PolicyTrainer:
             with torch.no_grad(), self.acc.autocast():
                 rm = reward_model_scores(self.models.reward, tok, self.models.reward_tokenizer, ro.query_ids,
                                          ro.query_mask, ro.response_ids, ro.response_mask, texts_p, completions)
-            if not torch.isfinite(rm).all():
-                raise TrainingError(f"model.reward {self.cfg.model.reward} returned a non-finite score")
             scores = scores + cfg.model_weight * rm
         if self.reward_fn is not None:
             fn_scores = call_reward_function(self.reward_fn, cfg.function, texts_p, completions)
@@ -372,6 +512,7 @@ class PolicyTrainer:
         g = torch.Generator().manual_seed(step_seed(cfg.seed, 10**6, self.acc.process_index))
         sums: dict[str, torch.Tensor] = {}
         count = 0
+        norms, skipped = [], 0
         kl_as_loss = not cfg.kl.in_reward and beta > 0 and ro.ref_logprobs is not None
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(ro.response_ids.device) if t.minibatches > 1 else \
@@ -388,9 +529,15 @@ class PolicyTrainer:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v.detach()
                     count += 1
-                sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + self._optimizer_step()
-        return {k: v / count if k != "policy/grad_norm" else v / (t.ppo_epochs * t.minibatches)
-                for k, v in sums.items()}
+                norm = self._optimizer_step()
+                if norm is None:
+                    skipped += 1
+                else:
+                    norms.append(norm)
+        out = {k: v / count for k, v in sums.items()}
+        out["policy/grad_norm"] = torch.stack(norms).mean() if norms else torch.tensor(float("nan"))
+        out["policy/skipped_updates"] = torch.tensor(float(skipped))
+        return out
 
     def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
         """What the aggregation divides by over the minibatch on all processes: tokens or sequences."""
@@ -437,25 +584,39 @@ class PolicyTrainer:
                 stack.enter_context(self.acc.no_sync(m))
         return stack
 
-    def _optimizer_step(self) -> torch.Tensor:
-        """Clip, check for non-finite gradients (skip the step if any), step. Returns the gradient norm."""
+    def _optimizer_step(self) -> torch.Tensor | None:
+        """Clip and step. Returns the gradient norm, or None when it is not finite: then the gradients are dropped
+        and nothing (weights, optimizer moments, schedule) moves."""
         t = self.cfg.trainer
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         norm = self.acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else float("inf"))
         norm = torch.as_tensor(norm)
         if not torch.isfinite(norm):
-            self.nonfinite_steps += 1
             self.optimizer.zero_grad(set_to_none=True)
-            warnings.warn(f"non-finite loss or gradient: update skipped ({self.nonfinite_steps} of at most "
-                          f"trainer.max_nonfinite_steps={t.max_nonfinite_steps})", stacklevel=2)
-            if self.nonfinite_steps > t.max_nonfinite_steps:
-                raise TrainingError(f"trainer.max_nonfinite_steps: {self.nonfinite_steps} updates had non-finite "
-                                    "gradients; lower trainer.lr, set trainer.max_grad_norm, or check the rewards")
-            return torch.zeros(())
+            return None
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach().float().cpu()
+
+    def _count_nonfinite(self, step: int, what: str) -> None:
+        """Warn that ``step`` skipped (part of) its update; stop once more than trainer.max_nonfinite_steps did."""
+        limit = self.cfg.trainer.max_nonfinite_steps
+        self.nonfinite_steps += 1
+        warnings.warn(f"step {step}: {what}; update skipped ({self.nonfinite_steps} of at most "
+                      f"trainer.max_nonfinite_steps={limit})", stacklevel=2)
+        if self.nonfinite_steps > limit:
+            raise TrainingError(f"trainer.max_nonfinite_steps: {self.nonfinite_steps} steps skipped for NaN/inf "
+                                f"(last: step {step}, {what}); lower trainer.lr, set trainer.max_grad_norm, check "
+                                "the reward model and functions, or raise trainer.max_nonfinite_steps")
+
+    def _out_of_memory_message(self, step: int, err: BaseException) -> str:
+        r, t = self.cfg.rollout, self.cfg.trainer
+        lines = str(err).strip().splitlines()
+        return (f"out of memory at step {step} ({lines[0] if lines else type(err).__name__}); lower "
+                f"rollout.prompts_per_step (now {r.prompts_per_step}) or rollout.max_new_tokens (now "
+                f"{r.max_new_tokens}), or raise trainer.minibatches (now {t.minibatches}) or trainer.grad_accum "
+                f"(now {t.grad_accum}) so each backward pass sees fewer sequences")
 
     # ------------------------------------------------------------------ 6. log
     def step_metrics(self, step: int, ro: Rollout, gold, beta: float, update_stats: dict, ev) -> dict:
@@ -503,45 +664,71 @@ class PolicyTrainer:
 
     # ------------------------------------------------------------------ 7. checkpoint
     def save(self, step: int) -> str | None:
-        """Write ``checkpoints/step_<step>`` (rank 0 only, atomically). Refuses non-finite weights."""
-        self.acc.wait_for_everyone()
-        path = None
+        """Write ``checkpoints/step_<step>`` (main process only, atomically); returns its path there. Refuses
+        non-finite weights. Every process takes part in the same collectives whatever happens, so a refusal or a
+        failed write raises on all of them instead of leaving the others waiting."""
+        policy = self.acc.unwrap_model(self.policy)
+        critic = self.acc.unwrap_model(self.critic).model if self.critic is not None else None
+        bad = [name for name, m in (("policy", policy), ("value", critic))
+               if m is not None and not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
+        if self._any_process(bool(bad)):
+            raise TrainingError(f"{' and '.join(bad) or 'model'} weights are not finite at step {step}; checkpoint "
+                                "not written (the previous one is kept)")
+        # Collective: under ZeRO-3 the whole weights exist only once gathered, so every process takes part.
+        policy_weights = self.acc.get_state_dict(self.policy)
+        optimizer_state = self._optimizer_state()
+        path, failure = None, None
         if self.acc.is_main_process:
-            policy = self.acc.unwrap_model(self.policy)
-            critic = self.acc.unwrap_model(self.critic).model if self.critic is not None else None
-            for name, m in (("policy", policy), ("value", critic)):
-                if m is not None and not all(torch.isfinite(p).all() for p in m.parameters()):
-                    raise TrainingError(f"{name} weights are not finite at step {step}; checkpoint not written")
-            state = {"step": step, "optimizer": self.optimizer.state_dict(),
+            state = {"step": step, "optimizer": optimizer_state,
                      "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
                      "nonfinite_steps": self.nonfinite_steps, "rng": torch.get_rng_state(),
                      "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
             def write(folder: str) -> None:
-                policy.save_pretrained(os.path.join(folder, "policy"))
+                policy.save_pretrained(os.path.join(folder, "policy"), state_dict=policy_weights)
                 self.models.tokenizer.save_pretrained(os.path.join(folder, "policy"))
                 if critic is not None:
                     critic.save_pretrained(os.path.join(folder, "value"))
                 torch.save(state, os.path.join(folder, "trainer_state.pt"))
 
-            path = save_checkpoint(self.ckpt_root, step, write, self.cfg.trainer.keep_last)
-        self.acc.wait_for_everyone()
+            try:
+                path = save_checkpoint(self.ckpt_root, step, write, self.cfg.trainer.keep_last)
+            except CheckpointWriteError as e:
+                failure = e
+        if self._any_process(failure is not None):
+            raise failure or TrainingError(f"run_dir: the main process could not write checkpoint step_{step}")
         return path
 
     def _load_state(self, path: str) -> None:
-        state = load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_ctl.load_state_dict(state["kl_controller"])
-        self.nonfinite_steps = state["nonfinite_steps"]
-        self.start_step = state["step"]
+        """Optimizer, schedule, KL controller and counters from ``path``; the weights came with the models."""
+        try:
+            state = load_trainer_state(path)
+            if state["optimizer"] is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:
+                warnings.warn(f"trainer.resume: {path} holds no optimizer state (written under DeepSpeed, which "
+                              "partitions it); AdamW's moments start from zero", stacklevel=2)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.nonfinite_steps = state["nonfinite_steps"]
+            self.start_step = state["step"]
+        except (KeyError, ValueError, RuntimeError, EOFError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"trainer.resume: checkpoint {path!r} does not fit this run ({first}); resume "
+                                  "with the config it was written with") from e
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self):
-        def request_stop(signum, frame):
-            self.stop_requested = True
-
+        """SIGINT and SIGTERM ask for a stop after the current step (see train). The handler then puts the previous
+        one back, so a second signal acts at once: a stuck step can still be stopped."""
         old = {}
+
+        def request_stop(signum, frame):
+            self.stop_signal = signum
+            signal.signal(signum, old.get(signum) or signal.SIG_DFL)
+            print(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint (send it again "
+                  "to stop at once, without one)", file=sys.stderr, flush=True)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 old[sig] = signal.signal(sig, request_stop)
@@ -551,11 +738,18 @@ class PolicyTrainer:
 
     def _restore_signal_handlers(self, old) -> None:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler or signal.SIG_DFL)
 
-    def _stop_agreed(self) -> bool:
-        """A stop on any process stops all of them after the same step (so the checkpoint is collective)."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.acc.device)
-        if self.acc.num_processes > 1:
-            flag = self.acc.reduce(flag, "sum")
-        return bool(flag.item() > 0)
+    def _stop_agreed(self) -> int | None:
+        """The signal that stops the run after this step. A stop on any process stops all of them after the same
+        step, so the checkpoint is collective."""
+        if self._any_process(self.stop_signal is not None):
+            return self.stop_signal or signal.SIGTERM
+        return None
+
+    def _any_process(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is true on any: for decisions all processes must take together."""
+        if self.acc.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, "sum").item() > 0)

@@ -2,13 +2,15 @@
 # Short GPU check (a few minutes): bf16 PPO and RLOO steps on one GPU with the W1-sized model.
 # Prints one JSON line per run: median step time (steps >= 2), the generate/score/update split, generated
 # tokens per second and peak GPU memory. Usage: bash scripts/device_check.sh [out_dir]
+# With deepspeed installed it also runs RLOO under DeepSpeed ZeRO-2 and ZeRO-3 on this one GPU (one process: a smoke
+# test of the engine step, ZeRO-3's sharded reference and gathered checkpoint weights, not of multi-GPU scaling).
 set -euo pipefail
 out=${1:-${OUT:-/tmp/device_check}}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 run() {
   local name=$1; shift
-  python scripts/train_policy.py model.policy=builtin:w1 trainer.mixed_precision=bf16 trainer.max_steps=12 \
+  ${LAUNCH:-python} scripts/train_policy.py model.policy=builtin:w1 trainer.mixed_precision=bf16 trainer.max_steps=12 \
     rollout.prompts_per_step=64 rollout.samples_per_prompt=4 rollout.max_new_tokens=32 rollout.min_new_tokens=32 \
     trainer.ppo_epochs=1 trainer.minibatches=1 trainer.save_every=0 logging.progress=false logging.tensorboard=false \
     hydra.run.dir="$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; exit 1; }
@@ -27,3 +29,15 @@ PY
 run ppo_bf16 algorithm=ppo
 run rloo_bf16 algorithm=rloo
 run rloo_fp32 algorithm=rloo trainer.mixed_precision=no
+if python -c "import deepspeed" > /dev/null 2>&1; then
+  for stage in 2 3; do
+    # The checkpoint must hold whole weights (ZeRO-3 gathers them): policy_mb is far above 0 when it does.
+    LAUNCH="python -m accelerate.commands.launch --config_file configs/accelerate/deepspeed_zero$stage.yaml \
+      --num_processes 1 --main_process_port 0" run "rloo_zero${stage}_bf16" algorithm=rloo
+    python -c "import os, sys; print('{\"run\": \"%s\", \"policy_mb\": %.1f}' % (sys.argv[1], sum(os.path.getsize(
+      os.path.join(sys.argv[2], f)) for f in os.listdir(sys.argv[2]) if f.endswith('.safetensors')) / 2**20))" \
+      "rloo_zero${stage}_bf16" "$out/rloo_zero${stage}_bf16/checkpoints/step_12/policy"
+  done
+else
+  echo '{"run": "deepspeed", "skipped": "deepspeed is not installed (pip install -e .[deepspeed])"}'
+fi

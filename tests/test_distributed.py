@@ -1,30 +1,281 @@
-"""Real multi-process runs: two gloo ranks on CPU through `accelerate launch`."""
+"""Distributed correctness, with real multi-process runs: two gloo ranks on the CPU through
+`accelerate launch --config_file configs/accelerate/cpu_2proc.yaml` (the same launcher and DDP code path as GPUs).
+
+What is checked, and why these setups:
+
+- Rollouts are sharded by prompt (a prompt's K samples stay on one rank), the advantage estimator and whitening see
+  the global batch, and the logged metrics are means over every rank's sequences: a probe run records each rank's
+  tensors (tests/distributed_worker.py) and the test recomputes the global numbers from them.
+- 2 processes at batch B follow the same trajectory as 1 process at batch 2B, and resuming moves between the two.
+  Sampling draws its randomness per process (one seed per step and rank), so two processes do not sample what one
+  does; these runs use top_k=1 (a greedy, deterministic rollout) and min_new_tokens=max_new_tokens (every response
+  has the same length, so per-process loss means average to the global one). What remains is float32 reduction
+  order: DDP averages gradients in another order than one process sums them, and the ranks pad prompts to other
+  widths. That moves metrics by ~1e-7 relative per step; AdamW and 4 steps amplify it, hence the tolerance TOL.
+- The 2-process runs also accumulate 2 micro-batches per optimizer step (grad_accum=2 under DDP no_sync) where the
+  1-process run takes one batch of 8: accumulation over processes and micro-batches equals one big batch.
+- One failing rank ends the whole job with its error, quickly (no hang).
+"""
 
 import json
 import shutil
+import time
+from pathlib import Path
 
 import pytest
+import torch
 
-from tests.conftest import run_script
+from tests.conftest import FAST, ROOT, compose_policy, run_script
 
-pytestmark = pytest.mark.slow
+LAUNCH = ["-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/cpu_2proc.yaml"]
+ENV = {"PYTHONPATH": str(ROOT)}  # the launched processes import tests.conftest / tests.distributed_worker
 
-LAUNCH = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
+# Relative / absolute tolerance on every logged metric of the 1-process vs 2-process trajectories (see above).
+TOL = dict(rel=1e-4, abs=1e-5)
+
+# Deterministic rollouts: greedy (top_k=1) and exactly 6 tokens each. 4 steps, a checkpoint after step 2.
+TRAJECTORY = [*FAST, "algorithm=ppo", "rollout.top_k=1", "rollout.min_new_tokens=6", "trainer.max_steps=4",
+              "trainer.save_every=2", "trainer.keep_last=5", "trainer.sample_every=0", "trainer.torch_threads=1"]
 
 
-def test_two_gloo_processes_train_and_write_once(tmp_path):
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate CLI not installed")
-    run = tmp_path / "run"
-    proc = run_script([*LAUNCH, "scripts/train_policy.py", "trainer.cpu=true", "trainer.max_steps=3",
-                       "rollout.prompts_per_step=4", "rollout.max_new_tokens=6", "logging.progress=false",
-                       f"hydra.run.dir={run}"], timeout=300)
+def _launch(args, timeout=240):
+    return run_script([*LAUNCH, *args], timeout=timeout, env=ENV)
+
+
+def _train_two_processes(run_dir: Path, *overrides):
+    proc = _launch(["scripts/train_policy.py", "trainer.cpu=true", *overrides, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # Only rank 0 writes: one line per step, not two.
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert abs(rows[0]["kl"]) < 1e-6
-    assert all(r["score"] is not None and r["kl"] is not None for r in rows)
-    assert (run / "checkpoints" / "step_3" / "COMPLETE").exists()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train_one_process(run_dir: Path, *overrides):
+    from rlhf.config import validate_policy_config
+    from rlhf.trainer import PolicyTrainer
+
+    threads = torch.get_num_threads()
+    try:
+        return PolicyTrainer(validate_policy_config(compose_policy(overrides, run_dir=str(run_dir)))).train()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same_trajectory(expected: list[dict], got: list[dict]):
+    assert [m["step"] for m in got] == [m["step"] for m in expected]
+    for a, b in zip(expected, got):
+        keys = [k for k in a if not k.startswith(("time/", "memory/"))]
+        assert set(keys) <= set(b), set(keys) - set(b)
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], **TOL), (a["step"], key, a[key], b[key])
+
+
+def _whiten_by_hand(per_sequence: list[float], mask: torch.Tensor) -> torch.Tensor:
+    """Each row's value on its real tokens, whitened over all real tokens: (x - mean) / sqrt(unbiased var + 1e-8),
+    as rlhf.losses.masked_whiten does; 0 on padding. ``mask``: (rows, width) bool."""
+    tokens = [v for v, m in zip(per_sequence, mask) for _ in range(int(m.sum()))]
+    mean = sum(tokens) / len(tokens)
+    var = sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1)
+    out = torch.zeros(mask.shape)
+    for i, v in enumerate(per_sequence):
+        out[i, mask[i]] = (v - mean) / (var + 1e-8) ** 0.5
+    return out
+
+
+def _copy_checkpoint(src_run: Path, dst_run: Path, step: int) -> None:
+    (dst_run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_run / "checkpoints" / f"step_{step}", dst_run / "checkpoints" / f"step_{step}")
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    """The same 4-step run twice: 1 process with batch 8, and 2 processes with batch 4 each in 2 micro-batches."""
+    base = tmp_path_factory.mktemp("trajectories")
+    one = _train_one_process(base / "one", *TRAJECTORY)
+    two = _train_two_processes(base / "two", *TRAJECTORY, "trainer.grad_accum=2")
+    return base, one, two
+
+
+# ---------------------------------------------------------------------------------------------- fast, 1 process
+def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path):
+    """One optimizer step on the same 8 rollouts: one micro-batch of 8, or 8 micro-batches of 1 accumulated. Each
+    micro-batch loss is scaled by its share of the minibatch's tokens, so the summed gradients are the same."""
+    from rlhf.config import validate_policy_config
+    from rlhf.trainer import PolicyTrainer
+
+    grads, params = {}, {}
+    for accum in (1, 8):
+        cfg = validate_policy_config(compose_policy(
+            [*FAST, "algorithm=ppo", "trainer.max_steps=1", "trainer.ppo_epochs=1", f"trainer.grad_accum={accum}",
+             "trainer.warmup_steps=0"], run_dir=str(tmp_path / f"accum{accum}")))
+        trainer = PolicyTrainer(cfg)
+        seen = []
+        torch_optimizer = trainer.optimizer.optimizer  # under the AcceleratedOptimizer
+
+        def record(opt, args, kwargs, seen=seen):
+            seen.append([p.grad.detach().clone() for g in opt.param_groups for p in g["params"]])
+
+        torch_optimizer.register_step_pre_hook(record)
+        trainer.train()
+        assert len(seen) == 1  # one epoch x one minibatch: one optimizer step, whatever the accumulation
+        grads[accum] = seen[0]
+        params[accum] = [p.detach().clone() for g in torch_optimizer.param_groups for p in g["params"]]
+    nonzero = sum(bool(g.abs().sum() > 0) for g in grads[1])
+    assert nonzero > len(grads[1]) // 2  # the update is not trivially zero
+    for g1, g8 in zip(grads[1], grads[8]):
+        # Same sums in another order: float32 rounding only.
+        torch.testing.assert_close(g8, g1, rtol=1e-4, atol=1e-7)
+    for p1, p8 in zip(params[1], params[8]):
+        # AdamW's first step moves each weight by lr * g / (|g| + eps): equal gradients, equal weights.
+        torch.testing.assert_close(p8, p1, rtol=0, atol=1e-5)
+
+
+def _check_backend(dist_type, *overrides, ds_config=None, critic=False):
+    """Run PolicyTrainer._check_backend against a stand-in accelerator (DeepSpeed and FSDP need GPUs)."""
+    from types import SimpleNamespace
+
+    from rlhf.config import validate_policy_config
+    from rlhf.trainer import PolicyTrainer
+
+    cfg = validate_policy_config(compose_policy([*FAST, "algorithm=rloo", *overrides], run_dir="unused"),
+                                 world_size=2)
+    plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=2)
+    acc = SimpleNamespace(distributed_type=dist_type, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
+    PolicyTrainer._check_backend(SimpleNamespace(acc=acc, cfg=cfg, critic=object() if critic else None))
+
+
+def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsdp():
+    from accelerate.utils import DistributedType
+
+    from rlhf.config import ConfigError
+
+    ds = DistributedType.DEEPSPEED
+    _check_backend(DistributedType.MULTI_GPU, critic=True)  # DDP: everything goes, PPO's critic too
+    with pytest.raises(ConfigError, match="FSDP is not supported"):
+        _check_backend(DistributedType.FSDP)
+    with pytest.raises(ConfigError, match="^algorithm.critic:"):
+        _check_backend(ds, ds_config={"gradient_accumulation_steps": 1}, critic=True)
+    with pytest.raises(ConfigError, match="^trainer.grad_accum:"):
+        _check_backend(ds, "trainer.grad_accum=2", ds_config={"gradient_accumulation_steps": 1})
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps is 4"):
+        _check_backend(ds, ds_config={"gradient_accumulation_steps": 4})
+    with pytest.raises(ConfigError, match="^trainer.max_grad_norm:"):
+        _check_backend(ds, "trainer.max_grad_norm=0.5", ds_config={"gradient_accumulation_steps": 1,
+                                                                    "gradient_clipping": 1.0})
+    config = {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": "auto"}
+    _check_backend(ds, "trainer.max_grad_norm=1.0", ds_config=config)
+    # 4 prompts x 2 samples over 2 processes = 4 rollouts each, in trainer.minibatches=1 backward passes of 4.
+    assert config["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_checkpoint_without_optimizer_state_resumes_with_a_warning(tmp_path):
+    """DeepSpeed checkpoints carry no optimizer state (it is partitioned); resuming one restarts AdamW."""
+    _train_one_process(tmp_path / "run", *FAST, "trainer.max_steps=1")
+    state_file = tmp_path / "run" / "checkpoints" / "step_1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    state["optimizer"] = None
+    torch.save(state, state_file)
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        tail = _train_one_process(tmp_path / "run", *FAST, "trainer.max_steps=2", "trainer.resume=auto")
+    assert [m["step"] for m in tail] == [1]
+
+
+# ---------------------------------------------------------------------------------------------- 2 processes
+@pytest.mark.slow
+def test_rollouts_sharded_by_prompt_estimates_and_metrics_global(tmp_path):
+    """Probe run (RLOO, 2 steps, sampled rollouts): what each rank saw, recomputed globally by hand."""
+    from rlhf.config import validate_policy_config
+    from rlhf.trainer import PolicyTrainer
+
+    overrides = [*FAST, "algorithm=rloo", "trainer.max_steps=2", "trainer.sample_every=0"]
+    proc = _launch(["tests/distributed_worker.py", str(tmp_path / "probe"), *overrides,
+                    f"run_dir={tmp_path / 'run'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "probe" / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    single = PolicyTrainer(validate_policy_config(compose_policy(overrides, run_dir=str(tmp_path / "single"))))
+    k = 2
+    for step in (0, 1):
+        # Sharding: rank 0 then rank 1 is one process's batch of 4 prompts, 2 prompts each.
+        assert ranks[0]["prompts"][step] + ranks[1]["prompts"][step] == single.prompt_batch(step)
+        for r in ranks:
+            q = r["rollouts"][step]["query_ids"]
+            # The K samples of a prompt are consecutive rows of the same rank: 2 prompts x K = 4 rows.
+            assert q.shape[0] == len(r["prompts"][step]) * k == 4
+            assert torch.equal(q[0::2], q[1::2])
+
+        # Advantages: RLOO over each prompt's K = 2 samples, then whitened over ALL ranks' tokens.
+        width = 6  # rollout.max_new_tokens: the ranks' tensors are padded to it before gathering
+        pad = torch.nn.functional.pad
+        rewards = torch.cat([pad(r["rewards"][step], (0, width - r["rewards"][step].shape[1])) for r in ranks])
+        mask = torch.cat([pad(r["rollouts"][step]["response_mask"],
+                              (0, width - r["rollouts"][step]["response_mask"].shape[1])) for r in ranks]).bool()
+        returns = [float(rewards[i][mask[i]].sum()) for i in range(8)]
+        # K = 2: the leave-one-out baseline of row i is the return of its partner row i ^ 1.
+        per_seq = [returns[i] - returns[i ^ 1] for i in range(8)]
+        expected = _whiten_by_hand(per_seq, mask)
+        got = torch.cat([pad(r["advantages"][step], (0, width - r["advantages"][step].shape[1])) for r in ranks])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        # Whitening rank 0's rows alone gives other numbers, so the check above tells global from local.
+        assert not torch.allclose(_whiten_by_hand(per_seq[:4], mask[:4]), expected[:4], atol=1e-3)
+
+        # Metrics: means over the 8 sequences of both ranks, identical on both ranks.
+        ro = [r["rollouts"][step] for r in ranks]
+        scores = torch.cat([x["scores"] for x in ro])
+        kl = torch.cat([((x["logprobs"] - x["ref_logprobs"]) * x["response_mask"]).sum(-1) for x in ro])
+        lengths = torch.cat([x["response_mask"].sum(-1).float() for x in ro])
+        metrics = [r["history"][step] for r in ranks]
+        assert metrics[0]["score"] == pytest.approx(scores.mean().item(), abs=1e-6)
+        assert metrics[0]["kl"] == pytest.approx(kl.mean().item(), abs=1e-6)
+        assert metrics[0]["response_length"] == pytest.approx(lengths.mean().item(), abs=1e-6)
+        for key in ("score", "kl", "reward", "response_length", "entropy", "policy/loss"):
+            assert metrics[1][key] == metrics[0][key], key
+    # After one update the policy has left the reference: a zero KL at step 1 would mean it was never measured.
+    assert abs(ranks[0]["history"][1]["kl"]) > 0
+    # Rank 0 alone wrote the checkpoint, once, at the end.
+    assert [r["saves"] for r in ranks] == [[2], []]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_2"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]  # one line per step, not one per rank
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_one_process_trajectory(trajectories):
+    base, one, two = trajectories
+    assert abs(two[0]["kl"]) < 1e-6  # the reference is the initial policy on every rank
+    assert one[-1]["kl"] != pytest.approx(0.0, abs=1e-6)  # ...and the policy moved: the comparison is not trivial
+    _assert_same_trajectory(one, two)
+    for run in ("one", "two"):
+        assert sorted(p.name for p in (base / run / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+
+@pytest.mark.slow
+def test_resume_two_processes_checkpoint_with_one_process(trajectories):
+    base, one, two = trajectories
+    _copy_checkpoint(base / "two", base / "two_to_one", 2)
+    tail = _train_one_process(base / "two_to_one", *TRAJECTORY, "trainer.resume=auto")
+    _assert_same_trajectory(two[2:], tail)
+    _assert_same_trajectory(one[2:], tail)
+
+
+@pytest.mark.slow
+def test_resume_one_process_checkpoint_with_two_processes(trajectories):
+    base, one, _ = trajectories
+    _copy_checkpoint(base / "one", base / "one_to_two", 2)
+    tail = _train_two_processes(base / "one_to_two", *TRAJECTORY, "trainer.grad_accum=2", "trainer.resume=auto")
+    _assert_same_trajectory(one[2:], tail)
+
+
+@pytest.mark.slow
+def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
+    """A reward function that raises on rank 1 only: rank 0 is then waiting in a collective. The job must stop
+    with rank 1's message and a non-zero status, well before any timeout, instead of hanging."""
+    start = time.monotonic()
+    proc = _launch(["scripts/train_policy.py", "trainer.cpu=true", *FAST, "trainer.max_steps=3",
+                    "reward.function=tests.distributed_worker.reward_fails_on_rank_1",
+                    f"hydra.run.dir={tmp_path / 'run'}"], timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "reward service unreachable from rank 1" in out
+    assert "reward_fails_on_rank_1" in out  # the one-line error names the function
+    assert elapsed < 90, elapsed
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no step finished: nothing to save
