@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.models import Models
-from rlhf.rollout import call_reward_function, decode_responses, generate, has_eos, reward_model_scores
+from rlhf.rollout import generate, score_responses
 
 
 def bon_kl(n: int) -> float:
@@ -117,25 +117,12 @@ def proxy_and_gold(models: Models, reward_cfg: DictConfig, reward_fn: Callable |
     """``(chunk, n_max)`` proxy and gold scores of one chunk from ``sample_pool`` (``n_max`` consecutive rows per
     prompt), by the policy trainer's rule: weighted reward model + weighted reward function, + missing-EOS penalty,
     clipped. ``reward_cfg`` is the ``reward`` section of a policy config. Without a gold scorer, gold = proxy."""
-    tok = models.tokenizer
     n_max = r_ids.shape[0] // len(prompts)
-    texts_p = [p for p in prompts for _ in range(n_max)]
-    completions = decode_responses(tok, r_ids, r_mask)
-    scores = torch.zeros(len(completions))
-    if models.reward is not None:
-        with torch.no_grad():
-            rm = reward_model_scores(models.reward, tok, models.reward_tokenizer, q_ids, q_mask, r_ids, r_mask,
-                                     texts_p, completions)
-        scores = scores + reward_cfg.model_weight * rm.float().cpu()
-    if reward_fn is not None:
-        scores = scores + reward_cfg.function_weight * call_reward_function(reward_fn, reward_cfg.function,
-                                                                            texts_p, completions)
-    if reward_cfg.missing_eos_penalty is not None:
-        ended = has_eos(r_ids, r_mask, tok.eos_token_id).cpu()
-        scores = scores + torch.where(ended, 0.0, reward_cfg.missing_eos_penalty)
-    if reward_cfg.clip is not None:
-        scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
-    gold = call_reward_function(gold_fn, reward_cfg.gold, texts_p, completions) if gold_fn is not None else scores
+    scores, gold, _ = score_responses(models.reward, models.tokenizer, models.reward_tokenizer, reward_cfg, reward_fn,
+                                      gold_fn, [p for p in prompts for _ in range(n_max)], q_ids, q_mask, r_ids,
+                                      r_mask)
+    scores = scores.float().cpu()
+    gold = gold.cpu() if gold is not None else scores
     return scores.reshape(len(prompts), n_max), gold.reshape(len(prompts), n_max)
 
 

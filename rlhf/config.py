@@ -115,6 +115,7 @@ class TrainerConfig:
     cpu: bool = False
     mixed_precision: str = "no"
     torch_threads: int | None = None
+    dist_timeout_s: int = 1800
 
 
 @dataclass
@@ -403,6 +404,7 @@ def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
     _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16", "fp16"])
     _check(t.torch_threads is None or t.torch_threads > 0, "trainer.torch_threads", "must be > 0 or null")
+    _check(t.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
 
 
 def _looks_like_file(source: str) -> bool:

@@ -180,3 +180,38 @@ def call_reward_function(fn: Callable, name: str, prompts: list[str], completion
         raise RewardFunctionError(f"reward function {name} returned a non-finite score ({out[bad[0]]}) for "
                                   f"completion {bad[0]}")
     return torch.tensor(out, dtype=torch.float32)
+
+
+def score_responses(reward_model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase,
+                    reward_tokenizer: PreTrainedTokenizerBase | None, reward_cfg, reward_fn: Callable | None,
+                    gold_fn: Callable | None, prompts: list[str], query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, autocast=None):
+    """The total score of each response, by one rule for every script: ``model_weight * reward model +
+    function_weight * reward function``, plus ``missing_eos_penalty`` for responses cut without EOS, clipped to
+    ``[-clip, clip]``. ``reward_cfg`` is the ``reward`` section of a policy config; ``prompts`` has one entry per row.
+
+    Returns ``scores (N,)`` on the rows' device, ``gold (N,)`` from ``gold_fn`` (or None), and the decoded
+    completions.
+    """
+    import contextlib
+
+    dev = response_ids.device
+    completions = decode_responses(tokenizer, response_ids, response_mask)
+    scores = torch.zeros(len(completions), device=dev)
+    if reward_model is not None:
+        with torch.no_grad(), (autocast or contextlib.nullcontext()):
+            rm = reward_model_scores(reward_model, tokenizer, reward_tokenizer, query_ids, query_mask, response_ids,
+                                     response_mask, prompts, completions)
+        scores = scores + reward_cfg.model_weight * rm.float()
+    if reward_fn is not None:
+        fn_scores = call_reward_function(reward_fn, reward_cfg.function, prompts, completions)
+        scores = scores + reward_cfg.function_weight * fn_scores.to(dev)
+    if reward_cfg.missing_eos_penalty is not None:
+        ended = has_eos(response_ids, response_mask, tokenizer.eos_token_id)
+        scores = scores + torch.where(ended, 0.0, reward_cfg.missing_eos_penalty)
+    if reward_cfg.clip is not None:
+        scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
+    gold = None
+    if gold_fn is not None:
+        gold = call_reward_function(gold_fn, reward_cfg.gold, prompts, completions).to(dev)
+    return scores, gold, completions

@@ -23,10 +23,11 @@ import signal
 import sys
 import time
 import warnings
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
@@ -58,13 +59,10 @@ from rlhf.objectives import POLICY_LOSSES, explained_variance, kl_loss, value_lo
 from rlhf.rollout import (
     Rollout,
     TokenValues,
-    call_reward_function,
-    decode_responses,
     generate,
-    has_eos,
     policy_logprobs,
     response_values,
-    reward_model_scores,
+    score_responses,
 )
 from rlhf.tracking import MetricsLogger, truncate_metrics
 
@@ -112,7 +110,9 @@ class PolicyTrainer:
         t = cfg.trainer
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
-        self.acc = accelerator or Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision)
+        self.acc = accelerator or Accelerator(
+            cpu=t.cpu, mixed_precision=t.mixed_precision,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
         self.run_dir = self._shared_run_dir(cfg.run_dir)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.resume_from = self._resolve_resume(t.resume)
@@ -143,6 +143,12 @@ class PolicyTrainer:
         self.models.reference = self._place_frozen(self.models.reference)
         self.models.reward = self._place_frozen(self.models.reward)
 
+        # With one epoch, one minibatch and no accumulation the update sees exactly the rollout's batch once, so the
+        # rollout's policy forward doubles as the update's (see sample()). DeepSpeed engines step inside backward
+        # and are kept on the plain path.
+        self.fused = (t.ppo_epochs == 1 and t.minibatches == 1 and t.grad_accum == 1
+                      and self.acc.distributed_type != DistributedType.DEEPSPEED)
+        self._live: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.start_step = 0
         self.nonfinite_steps = 0
         self.stop_signal: int | None = None
@@ -385,6 +391,7 @@ class PolicyTrainer:
             if update_stats["policy/skipped_updates"] > 0:
                 self._count_nonfinite(step, "a non-finite loss or gradient")
 
+        self._live = None  # free the fused forward's graph, also when the update was skipped
         metrics = self.step_metrics(step, rollout, gold, beta, update_stats, ev)  # 6. log
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
         metrics["time/generated_tokens_per_s"] = (metrics["response_length"] * cfg.rollout.prompts_per_step
@@ -423,43 +430,36 @@ class PolicyTrainer:
             min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
+        if self.fused:
+            # One optimizer step on exactly these samples: the forward that gives the sampling-time log-probs
+            # (and values) keeps its graph and becomes the update's forward, instead of running twice.
+            with self.acc.autocast():
+                live_logp, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
+                                                     chunk_size=r.logprob_chunk_size, with_entropy=True)
+                live_values = response_values(self.critic, *args) if self.critic is not None else None
+            self._live = (live_logp, live_values)
+            logprobs = live_logp.detach()
+            values = live_values.detach() if live_values is not None else None
         with torch.no_grad(), self.acc.autocast():
-            logprobs, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
-                                                chunk_size=r.logprob_chunk_size, with_entropy=True)
+            if not self.fused:
+                logprobs, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
+                                                    chunk_size=r.logprob_chunk_size, with_entropy=True)
+                values = response_values(self.critic, *args) if self.critic is not None else None
             ref_logprobs = None
             if self.models.reference is not None:
                 ref_logprobs, _ = policy_logprobs(self.models.reference, *args, temperature=r.temperature,
                                                   chunk_size=r.logprob_chunk_size)
-            values = response_values(self.critic, *args) if self.critic is not None else None
         empty = torch.zeros(query_ids.shape[0], device=dev)
         return Rollout(*args, logprobs, ref_logprobs, values, empty, entropy), t_generate
 
     # ------------------------------------------------------------------ 2. score
     def score(self, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-        """Total score ``(N,)``: weighted reward model + reward function, + missing-EOS penalty, clipped."""
-        cfg, tok = self.cfg.reward, self.models.tokenizer
+        """Total score ``(N,)`` (rlhf.rollout.score_responses), the gold score ``(N,)`` or None, and the text."""
         k = self.cfg.rollout.samples_per_prompt
-        texts_p = [p for p in prompts for _ in range(k)]
-        completions = decode_responses(tok, ro.response_ids, ro.response_mask)
-        dev = self.acc.device
-        scores = torch.zeros(len(completions), device=dev)
-        if self.models.reward is not None:
-            with torch.no_grad(), self.acc.autocast():
-                rm = reward_model_scores(self.models.reward, tok, self.models.reward_tokenizer, ro.query_ids,
-                                         ro.query_mask, ro.response_ids, ro.response_mask, texts_p, completions)
-            scores = scores + cfg.model_weight * rm
-        if self.reward_fn is not None:
-            fn_scores = call_reward_function(self.reward_fn, cfg.function, texts_p, completions)
-            scores = scores + cfg.function_weight * fn_scores.to(dev)
-        if cfg.missing_eos_penalty is not None:
-            ended = has_eos(ro.response_ids, ro.response_mask, tok.eos_token_id)
-            scores = scores + torch.where(ended, 0.0, cfg.missing_eos_penalty)
-        if cfg.clip is not None:
-            scores = scores.clamp(-cfg.clip, cfg.clip)
-        gold = None
-        if self.gold_fn is not None:
-            gold = call_reward_function(self.gold_fn, cfg.gold, texts_p, completions).to(dev)
-        return scores, gold, completions
+        return score_responses(self.models.reward, self.models.tokenizer, self.models.reward_tokenizer,
+                               self.cfg.reward, self.reward_fn, self.gold_fn, [p for p in prompts for _ in range(k)],
+                               ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
+                               autocast=self.acc.autocast())
 
     # ------------------------------------------------------------------ 3. shape
     def kl_per_token(self, ro: Rollout, estimator: str) -> torch.Tensor:
@@ -551,8 +551,12 @@ class PolicyTrainer:
         width = int(mask.sum(-1).max())  # drop columns that are padding in every row of this micro-batch
         mask = mask[:, :width]
         q_ids, q_mask, resp = ro.query_ids[idx], ro.query_mask[idx], ro.response_ids[idx, :width]
-        logp, _ = policy_logprobs(self.policy, q_ids, q_mask, resp, mask, temperature=r.temperature,
-                                  chunk_size=r.logprob_chunk_size)
+        live_logp, live_values = self._live if self._live is not None else (None, None)
+        if live_logp is not None:  # fused: idx is every row, in order
+            logp = live_logp[:, :width]
+        else:
+            logp, _ = policy_logprobs(self.policy, q_ids, q_mask, resp, mask, temperature=r.temperature,
+                                      chunk_size=r.logprob_chunk_size)
         pg_loss, pstats = self.policy_loss_fn(logp, ro.logprobs[idx, :width], advantages[idx, :width], mask,
                                               clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg)
         local = mask.sum() if t.loss_agg == "token-mean" else torch.tensor(float(mask.shape[0]))
@@ -567,7 +571,8 @@ class PolicyTrainer:
             loss = loss + beta * kl_term
             stats["policy/kl_loss"] = kl_term.detach()
         if self.critic is not None:
-            values = response_values(self.critic, q_ids, q_mask, resp, mask)
+            values = live_values[:, :width] if live_values is not None else \
+                response_values(self.critic, q_ids, q_mask, resp, mask)
             v_loss, vstats = value_loss(values, ro.values[idx, :width], returns[idx, :width], mask,
                                         clip_range=t.value_clip, loss=t.value_loss, agg=t.loss_agg)
             loss = loss + t.value_coef * v_loss

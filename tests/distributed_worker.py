@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -21,6 +22,15 @@ def reward_fails_on_rank_1(prompts: list[str], completions: list[str]) -> list[f
     """The built-in task's reward on every rank but rank 1, where it raises: one failing rank must end the job."""
     if int(os.environ.get("RANK", "0")) == 1:
         raise RuntimeError("reward service unreachable from rank 1")
+    from rlhf.tasks.sentiment import reward_fn
+
+    return reward_fn(prompts, completions)
+
+
+def reward_hangs_on_rank_1(prompts: list[str], completions: list[str]) -> list[float]:
+    """The built-in task's reward, except that rank 1 never answers (a stuck reward service)."""
+    if int(os.environ.get("RANK", "0")) == 1:
+        time.sleep(600)
     from rlhf.tasks.sentiment import reward_fn
 
     return reward_fn(prompts, completions)

@@ -279,3 +279,16 @@ def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert "reward_fails_on_rank_1" in out  # the one-line error names the function
     assert elapsed < 90, elapsed
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step finished: nothing to save
+
+
+def test_a_hung_rank_fails_the_job_after_the_process_group_timeout(tmp_path):
+    """Rank 1 never returns from its reward function, so rank 0 waits in the next collective. With
+    trainer.dist_timeout_s=10 the collective times out, rank 0 fails, and the launcher tears rank 1 down: the job
+    ends non-zero in bounded time instead of hanging for torch's default 30 minutes."""
+    start = time.monotonic()
+    proc = _launch(["scripts/train_policy.py", "trainer.cpu=true", *FAST, "trainer.max_steps=3",
+                    "trainer.dist_timeout_s=10", "reward.function=tests.distributed_worker.reward_hangs_on_rank_1",
+                    f"hydra.run.dir={tmp_path / 'run'}"], timeout=180)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 150, elapsed

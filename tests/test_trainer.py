@@ -194,3 +194,22 @@ def test_default_run_raises_the_score(tmp_path):
     first = sum(m["score"] for m in history[:10]) / 10
     last = sum(m["score"] for m in history[-10:]) / 10
     assert last > first + 0.5, (first, last)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_fused_rollout_forward_gives_the_same_update(policy_cfg, algorithm):
+    """With 1 epoch x 1 minibatch the rollout's forward is reused for the update. The weights after two steps must
+    equal those of the plain path, which runs a no-grad forward in the rollout and a second one in the update."""
+    cfg = policy_cfg(f"algorithm={algorithm}", "trainer.max_steps=2", "trainer.ppo_epochs=1",
+                     "trainer.warmup_steps=0")
+    fused, plain = PolicyTrainer(cfg), PolicyTrainer(cfg)
+    assert fused.fused
+    plain.fused = False
+    fused_hist, plain_hist = fused.train(), plain.train()
+    for (name, a), b in zip(fused.policy.named_parameters(), plain.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    if algorithm == "ppo":
+        for a, b in zip(fused.critic.parameters(), plain.critic.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for key in ("score", "kl", "policy/loss"):
+        assert fused_hist[-1][key] == pytest.approx(plain_hist[-1][key], rel=1e-4, abs=1e-6)
