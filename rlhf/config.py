@@ -239,6 +239,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(t.save_every >= 0 and t.sample_every >= 0 and t.log_every >= 1, "trainer.save_every",
            "save_every and sample_every must be >= 0, log_every >= 1")
     _check(t.max_nonfinite_steps >= 0, "trainer.max_nonfinite_steps", "must be >= 0")
+    _check(t.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
            "must be two numbers in [0, 1)")
 
@@ -301,6 +302,7 @@ class SupervisedTrainerConfig:
     cpu: bool = False
     mixed_precision: str = "no"
     torch_threads: int | None = None
+    dist_timeout_s: int = 1800
 
 
 @dataclass

@@ -238,7 +238,7 @@ def test_bad_resume_folder_fails_before_any_model_loads(resume, message, tmp_pat
 def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypatch):
     """NaN/inf at steps 0 and 2 with trainer.max_nonfinite_steps=1: step 0 is skipped (weights unchanged), step 1
     trains, step 2 is the second skip (2 > 1) and stops the run with an error naming the key."""
-    import rlhf.trainer
+    import rlhf.rollout
 
     overrides = ["trainer.max_steps=3", "trainer.max_nonfinite_steps=1", "trainer.warmup_steps=0"]
     if where == "reward_model":
@@ -256,13 +256,13 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypa
 
         trainer._micro_loss = poisoned
     else:
-        rm_scores = rlhf.trainer.reward_model_scores
+        rm_scores = rlhf.rollout.reward_model_scores
 
         def poisoned(*args):
             scores = rm_scores(*args)
             return torch.full_like(scores, math.inf) if current[0] in bad_steps else scores
 
-        monkeypatch.setattr(rlhf.trainer, "reward_model_scores", poisoned)
+        monkeypatch.setattr(rlhf.rollout, "reward_model_scores", poisoned)
 
     train_step = trainer.train_step
 

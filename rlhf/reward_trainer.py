@@ -1,0 +1,363 @@
+"""Reward-model training, the second RLHF stage.
+
+The reward model is an ``AutoModelForSequenceClassification`` with one label, read at the last real token of
+``prompt + " " + completion + EOS`` (``rlhf.models.sequence_scores``): the same text and position at which the
+policy trainer scores its samples. Objectives, selected by name with ``objective=``:
+
+    pairwise    -log sigmoid(r_c - r_r - margin) + center_coef * mean((r_c + r_r)^2)
+                Bradley-Terry with an optional per-pair margin (Llama 2) and reward centering (Eisenstein et al.
+                2023), which pins the mean score near 0 without changing which completion scores higher
+    regression  MSE or Huber of the score against a real-valued label
+    binary      binary cross-entropy of the score, as a logit, against a 0/1 label
+
+Tensors of a dataset (``encode_pairs`` / ``encode_labelled``), ``k`` = 2 (chosen, rejected) or 1:
+
+    input_ids, attention_mask   (rows, k, seq_len)  right-padded
+    margin                      (rows,)             pairwise, when data.margin_column is set
+    label                       (rows,)             regression and binary
+
+The loop is ``rlhf.sft.fit``; the model and tokenizer go to ``<run_dir>/final``, which the policy trainer loads as
+``model.reward=<run_dir>/final``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import datasets
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
+
+from rlhf.losses import binary_cross_entropy_with_logits, huber, mae, mse
+from rlhf.models import sequence_scores
+from rlhf.objectives import bradley_terry_loss, preference_accuracy
+from rlhf.sft import FINAL_DIR, Batch, fit, make_accelerator, num_rows, save_final, strided_rows, take
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("pairwise", "regression", "binary")
+
+
+# ---------------------------------------------------------------------- the objectives
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                  center_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss with reward centering: ``mean(-log sigmoid(r_c - r_r - m)) + c * mean((r_c + r_r)^2)``.
+
+    ``chosen``, ``rejected``: ``(batch,)`` scores; ``margin``: None or ``(batch,)``. Returns the ``()`` loss and
+    detached ``()`` stats: ``accuracy`` (fraction with r_c > r_r), ``margin`` (mean r_c - r_r), ``centering``
+    (mean (r_c + r_r)^2, whatever ``center_coef``).
+    """
+    if not center_coef >= 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+    loss = bradley_terry_loss(chosen, rejected, margin)
+    centering = mse(chosen + rejected, torch.zeros_like(chosen))
+    if center_coef > 0:
+        loss = loss + center_coef * centering
+    stats = {"accuracy": preference_accuracy(chosen, rejected), "margin": (chosen - rejected).mean().detach(),
+             "centering": centering.detach()}
+    return loss, stats
+
+
+def regression_loss(scores: torch.Tensor, labels: torch.Tensor, loss: str = "mse",
+                    delta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``mse`` or ``huber`` (with ``delta``) of ``(batch,)`` scores against ``(batch,)`` labels.
+
+    Returns the ``()`` loss and detached ``()`` stats ``mse`` and ``mae``.
+    """
+    if loss not in ("mse", "huber"):
+        raise ValueError(f"loss must be 'mse' or 'huber', got {loss!r}")
+    value = mse(scores, labels) if loss == "mse" else huber(scores, labels, delta=delta)
+    return value, {"mse": mse(scores, labels).detach(), "mae": mae(scores, labels).detach()}
+
+
+def binary_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Binary cross-entropy of ``(batch,)`` logits against ``(batch,)`` 0/1 labels.
+
+    Returns the ``()`` loss and the detached ``()`` stat ``accuracy`` (fraction with ``(logit > 0) == label``).
+    """
+    loss = binary_cross_entropy_with_logits(logits, labels)
+    accuracy = ((logits > 0) == (labels > 0.5)).float().mean().detach()
+    return loss, {"accuracy": accuracy}
+
+
+def objective_loss(objective: str, scores: torch.Tensor, batch: Batch,
+                   loss_cfg: DictConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of ``objective`` on ``(batch, k)`` scores; ``batch`` supplies ``margin`` or ``label`` ``(batch,)``.
+
+    ``loss_cfg`` holds ``center_coef``, ``regression`` and ``huber_delta`` (configs/reward.yaml ``loss``).
+    """
+    k = 2 if objective == "pairwise" else 1
+    if scores.dim() != 2 or scores.shape[1] != k:
+        raise ValueError(f"scores must be (batch, {k}) for the {objective} objective, got {tuple(scores.shape)}")
+    if objective == "pairwise":
+        return pairwise_loss(scores[:, 0], scores[:, 1], batch.get("margin"), loss_cfg.center_coef)
+    if objective == "regression":
+        return regression_loss(scores[:, 0], batch["label"], loss_cfg.regression, loss_cfg.huber_delta)
+    if objective == "binary":
+        return binary_loss(scores[:, 0], batch["label"])
+    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+# ---------------------------------------------------------------------- scoring
+class SequenceScorer(nn.Module):
+    """A one-label sequence-classification model as ``(batch, seq) -> (batch,)`` scores at the last real token.
+
+    A module of its own so that DDP wraps the path the gradients take (``sequence_scores`` calls the backbone and
+    the head directly, not the model's ``forward``).
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return sequence_scores(self.model, input_ids, attention_mask)
+
+
+def batch_scores(scorer: nn.Module, batch: Batch) -> torch.Tensor:
+    """Scores of every sequence of a batch in one forward pass: ``(batch, k, seq_len)`` ids -> ``(batch, k)``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, k, seq_len = ids.shape
+    # Columns that are padding in every row change nothing but cost a forward pass.
+    width = int(mask.sum(-1).max())
+    flat = scorer(ids[..., :width].reshape(rows * k, width), mask[..., :width].reshape(rows * k, width))
+    return flat.view(rows, k)
+
+
+@torch.no_grad()
+def dataset_scores(scorer: nn.Module, data: Batch, batch_size: int, acc: Accelerator) -> torch.Tensor:
+    """``(rows, k)`` scores of all rows of ``data``, each process scoring every ``num_processes``-th row."""
+    rows = num_rows(data)
+    mine = strided_rows(rows, acc.process_index, acc.num_processes)
+    k = data["input_ids"].shape[1]
+    out = torch.zeros(len(mine), k, device=acc.device)
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        out[start:start + len(idx)] = batch_scores(scorer, take(data, idx, acc.device))
+    if acc.num_processes == 1:
+        return out
+    per = math.ceil(rows / acc.num_processes)
+    gathered = acc.gather(F.pad(out, (0, 0, 0, per - out.shape[0])).contiguous())
+    return unstride(gathered, acc.num_processes, rows)
+
+
+def unstride(gathered: torch.Tensor, world_size: int, rows: int) -> torch.Tensor:
+    """Undo ``strided_rows`` sharding: ``(world_size * per, k)`` -> ``(rows, k)`` in the original row order.
+
+    ``gathered`` holds each process's ``per`` rows in process order, each shard padded at its end to ``per``
+    rows; row ``j`` of process ``r`` is global row ``r + j * world_size``.
+    """
+    if gathered.dim() != 2 or gathered.shape[0] % world_size:
+        raise ValueError(f"gathered must be (world_size * per, k), got shape {tuple(gathered.shape)}")
+    per = gathered.shape[0] // world_size
+    if not 0 <= rows <= gathered.shape[0]:
+        raise ValueError(f"rows must be in [0, {gathered.shape[0]}], got {rows}")
+    return gathered.view(world_size, per, -1).transpose(0, 1).reshape(world_size * per, -1)[:rows]
+
+
+# ---------------------------------------------------------------------- data
+def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_length: int) -> Batch:
+    """``(n, seq_len)`` ids and mask of ``prompt + " " + text + EOS`` (or ``text + EOS``), as the SFT and policy
+    stages tokenize them (the prompt alone, with the tokenizer's special tokens)."""
+    from rlhf.data import DataError, tokenize_sft
+
+    table = {"prompt": prompts, "completion": texts} if prompts is not None else {"text": texts}
+    enc = tokenize_sft(datasets.Dataset.from_dict(table), tokenizer, max_length, completion_only=False)
+    if enc["input_ids"].shape[0] != len(texts):
+        raise DataError(f"{len(texts) - enc['input_ids'].shape[0]} rows have no token; check the text columns")
+    lengths = enc["attention_mask"].sum(-1)
+    last = enc["input_ids"].gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+    cut = int(((lengths == max_length) & (last != tokenizer.eos_token_id)).sum())
+    if cut:
+        warnings.warn(f"{cut} rows were cut at data.max_length={max_length}; their score is read at the cut, "
+                      "not at the end of the text", stacklevel=2)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def encode_pairs(rows: datasets.Dataset, tokenizer, max_length: int) -> Batch:
+    """Preference rows (``prompt``, ``chosen``, ``rejected``, optional ``margin``) -> ``input_ids``,
+    ``attention_mask`` ``(rows, 2, seq_len)`` (index 0 chosen, 1 rejected) and ``margin`` ``(rows,)`` float32."""
+    n = len(rows)
+    prompts = list(rows["prompt"])
+    enc = _tokenize_texts(prompts * 2, list(rows["chosen"]) + list(rows["rejected"]), tokenizer, max_length)
+    out = {name: x.view(2, n, -1).transpose(0, 1).contiguous() for name, x in enc.items()}
+    if "margin" in rows.column_names:
+        out["margin"] = torch.tensor(rows["margin"], dtype=torch.float32)
+    return out
+
+
+def encode_labelled(rows: datasets.Dataset, tokenizer, max_length: int) -> Batch:
+    """Labelled rows (``text``, ``label``) -> ``input_ids``, ``attention_mask`` ``(rows, 1, seq_len)`` and
+    ``label`` ``(rows,)`` float32."""
+    enc = _tokenize_texts(None, list(rows["text"]), tokenizer, max_length)
+    out = {name: x.unsqueeze(1) for name, x in enc.items()}
+    out["label"] = torch.tensor(rows["label"], dtype=torch.float32)
+    return out
+
+
+def binarize_labels(rows: datasets.Dataset, source: str, column: str, threshold: float | None) -> datasets.Dataset:
+    """Labels for the binary objective: ``label > threshold`` as 0/1, or, with no threshold, labels that must
+    already be 0 or 1 (a DataError names the first row that is not, and its ``column`` in ``source``)."""
+    from rlhf.data import DataError
+
+    labels = list(rows["label"])
+    if threshold is not None:
+        binary = [float(x > threshold) for x in labels]
+    else:
+        bad = next((i for i, x in enumerate(labels) if x not in (0.0, 1.0)), None)
+        if bad is not None:
+            raise DataError(f"{source!r} column {column!r} row {bad} (0-based): the binary objective needs 0 or 1, "
+                            f"got {labels[bad]!r}; set data.label_threshold to binarize real labels")
+        binary = labels
+    return rows.remove_columns("label").add_column("label", binary, feature=datasets.Value("float64"))
+
+
+def load_reward_rows(cfg: DictConfig, split: str, eval_split: bool) -> datasets.Dataset:
+    """The rows of one split for ``cfg.objective``, with normalized columns. Raises ``rlhf.data.DataError``."""
+    from rlhf.data import load_preferences, load_scalar
+
+    d = cfg.data
+    source = (d.eval_source or d.source) if eval_split else d.source
+    n = d.num_eval if eval_split else d.num_train
+    if cfg.objective == "pairwise":
+        return load_preferences(source, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
+                                rejected_column=d.rejected_column, margin_column=d.margin_column, split=split,
+                                n=n, seed=cfg.seed, temperature=d.temperature)
+    rows = load_scalar(source, text_column=d.text_column, label_column=d.label_column, split=split, n=n,
+                       seed=cfg.seed, noise_std=d.noise_std)
+    return binarize_labels(rows, source, d.label_column, d.label_threshold) if cfg.objective == "binary" else rows
+
+
+def builtin_eval_reference(rows: datasets.Dataset, temperature: float) -> dict[str, torch.Tensor | float]:
+    """What the built-in task's gold reward says about its preference pairs.
+
+    ``gold_diff``: ``(rows,)`` gold(chosen) - gold(rejected). ``ceiling``: the expected accuracy of the best
+    possible scorer under the label noise (``rlhf.tasks.sentiment.preference_ceiling``). ``gold_label_accuracy``:
+    the accuracy the gold reward itself reaches on these very labels (gold ties count 1/2), the ceiling's
+    realised value, which scatters around it by about ``sqrt(ceiling * (1 - ceiling) / rows)``.
+    """
+    from rlhf.tasks.sentiment import gold_score, preference_ceiling
+
+    pairs = rows.select_columns(["chosen", "rejected"]).to_list()
+    gold_diff = torch.tensor([gold_score(p["chosen"]) - gold_score(p["rejected"]) for p in pairs])
+    hits = (gold_diff > 0).double() + 0.5 * (gold_diff == 0).double()
+    return {"ceiling": preference_ceiling(gold_diff.tolist(), temperature=temperature),
+            "gold_label_accuracy": float(hits.mean()), "gold_diff": gold_diff}
+
+
+def gold_agreement(chosen: torch.Tensor, rejected: torch.Tensor, gold_diff: torch.Tensor) -> float:
+    """Fraction of pairs the reward model orders as the gold reward does; ``(rows,)`` each, gold ties skipped.
+
+    Unlike the accuracy it is not capped by label noise: it measures the reward model against the true reward.
+    """
+    for name, x in (("rejected", rejected), ("gold_diff", gold_diff)):
+        if x.shape != chosen.shape or chosen.dim() != 1:
+            raise ValueError(f"{name} must have the (rows,) shape of chosen {tuple(chosen.shape)}, got "
+                             f"{tuple(x.shape)}")
+    keep = gold_diff != 0
+    agree = torch.sign(chosen - rejected).cpu() == torch.sign(gold_diff)
+    return float(agree[keep].float().mean()) if keep.any() else math.nan
+
+
+# ---------------------------------------------------------------------- models
+def load_reward_init(spec: str, tokenizer, dtype: str = "float32", seed: int = 0) -> PreTrainedModel:
+    """The reward model to train, ``(batch, seq) -> (batch,)`` scores through ``sequence_scores``.
+
+    ``spec`` is a built-in architecture, a one-label sequence-classification folder (trained further), or a causal
+    LM (an SFT ``final/`` folder, a hub id): its backbone gets a new one-label score head.
+    """
+    from rlhf.models import DTYPES, disable_dropout, is_builtin, load_score_model
+
+    if is_builtin(spec):
+        return load_score_model(spec, tokenizer, dtype, seed=seed, key="model.init")
+    path = os.path.expanduser(spec)
+    architectures = AutoConfig.from_pretrained(path).architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return load_score_model(spec, tokenizer, dtype, seed=seed, key="model.init")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[dtype])
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return disable_dropout(model)
+
+
+# ---------------------------------------------------------------------- the stage
+def evaluate_reward(scorer: nn.Module, data: Batch, cfg: DictConfig, acc: Accelerator,
+                    reference: dict | None) -> dict[str, float]:
+    """Held-out ``eval/loss`` and the objective's stats over all of ``data``; with built-in pairs also
+    ``eval/ceiling``, ``eval/gold_label_accuracy`` (see ``builtin_eval_reference``) and ``eval/gold_agreement``."""
+    scorer.eval()
+    scores = dataset_scores(scorer, data, cfg.trainer.eval_batch_size, acc).cpu()
+    scorer.train()
+    targets = {k: v for k, v in data.items() if k in ("margin", "label")}
+    loss, stats = objective_loss(cfg.objective, scores, targets, cfg.loss)
+    out = {"eval/loss": float(loss), **{f"eval/{k}": float(v) for k, v in stats.items()}}
+    if reference is not None:
+        out["eval/ceiling"] = reference["ceiling"]
+        out["eval/gold_label_accuracy"] = reference["gold_label_accuracy"]
+        out["eval/gold_agreement"] = gold_agreement(scores[:, 0], scores[:, 1], reference["gold_diff"])
+    return out
+
+
+def train_reward(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[dict]:
+    """Train a reward model from a validated config (``rlhf.config.validate_reward_config``).
+
+    Writes ``metrics.jsonl`` and ``<run_dir>/final`` (model + tokenizer, for ``model.reward=``); returns the
+    metric lines.
+    """
+    from rlhf.models import load_tokenizer
+
+    t, d = cfg.trainer, cfg.data
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    acc = accelerator or make_accelerator(t)
+    torch.manual_seed(cfg.seed)
+    train_rows = load_reward_rows(cfg, d.train_split, eval_split=False)                 # 1. data
+    eval_rows = load_reward_rows(cfg, d.eval_split, eval_split=True) if d.num_eval != 0 else None
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init)
+    encode = encode_pairs if cfg.objective == "pairwise" else encode_labelled
+    train = encode(train_rows, tokenizer, d.max_length)
+    held_out = encode(eval_rows, tokenizer, d.max_length) if eval_rows is not None else None
+    # Only the built-in task knows the gold reward behind its labels, hence the ceiling.
+    builtin_pairs = cfg.objective == "pairwise" and (d.eval_source or d.source) == "builtin:sentiment"
+    reference = builtin_eval_reference(eval_rows, d.temperature) if builtin_pairs and eval_rows is not None \
+        else None
+    model = load_reward_init(cfg.model.init, tokenizer, cfg.model.dtype, seed=cfg.seed)  # 2. model
+    model.train()
+    scorer = SequenceScorer(model)
+
+    def batch_loss(module: nn.Module, batch: Batch):
+        return objective_loss(cfg.objective, batch_scores(module, batch), batch, cfg.loss)
+
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        return evaluate_reward(module, held_out, cfg, acc, reference) if held_out is not None else {}
+
+    folder = os.path.join(cfg.run_dir, FINAL_DIR)
+    history = fit(cfg, acc, scorer, train, batch_loss, evaluate,                        # 3. train
+                  lambda m: save_final(m.model, tokenizer, folder))
+    if acc.is_main_process:
+        log.info(reward_summary(cfg.objective, history, folder))
+    return history
+
+
+def reward_summary(objective: str, history: list[dict], folder: str) -> str:
+    """The one-line result of a reward run: the final held-out numbers (next to the ceiling) and the folder."""
+    final = history[-1]
+    keys = {"pairwise": ["accuracy", "gold_agreement", "margin"], "regression": ["mse", "mae"],
+            "binary": ["accuracy", "loss"]}[objective]
+    parts = [f"{k.replace('_', ' ')} {final[f'eval/{k}']:.4f}" for k in keys if f"eval/{k}" in final]
+    if "eval/ceiling" in final:
+        parts[0] += (f" (label-noise ceiling {final['eval/ceiling']:.4f}; the gold reward itself scores "
+                     f"{final['eval/gold_label_accuracy']:.4f} on these labels)")
+    result = "held-out " + ", ".join(parts) if parts else "no held-out evaluation"
+    return f"reward model ({objective}) done: {result}; saved to {folder}"

@@ -1,0 +1,343 @@
+"""Supervised fine-tuning (SFT), the first RLHF stage: next-token cross-entropy on demonstrations.
+
+One SFT run, as data:
+
+    rows (prompt, completion) -> tokenize_sft    input_ids, attention_mask, loss_mask (rows, seq_len), right-padded
+    a step's batch            -> batch_indices   a seeded permutation per pass over the rows; this process's slice
+    loss                      -> lm_loss         mean -log p(x_t | x_<t) over the loss_mask tokens (the completion
+                                                 only, or every token)
+    update                    -> AdamW, clipped gradient norm, warmup + decay schedule
+    evaluate                  -> token-weighted loss and perplexity on the held-out split
+    save                      -> <run_dir>/final: save_pretrained + tokenizer, loadable by AutoModelForCausalLM
+
+``fit`` is the loop. The reward trainer (``rlhf.reward_trainer``) runs the same loop with its own loss and
+evaluation, so the two stages share batching, optimisation, logging and saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from transformers import get_scheduler
+
+from rlhf.losses import lm_loss, perplexity
+from rlhf.tracking import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, torch.Tensor]
+BatchLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Evaluate = Callable[[nn.Module], dict[str, float]]
+
+FINAL_DIR = "final"
+"""Sub-folder of the run folder that holds the trained model and its tokenizer."""
+
+
+# ---------------------------------------------------------------------- batching
+def batch_indices(num_rows: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Row indices of step ``step``: ``(batch_size,)`` int64.
+
+    Each pass over the data is a fresh permutation drawn from ``seed`` and the pass number, cut into
+    consecutive batches; the rows left over at the end of a pass are skipped. A batch is a pure function of
+    ``(step, seed)``, so a rerun draws the same batches. With fewer rows than ``batch_size`` a batch repeats rows.
+    """
+    if num_rows < 1:
+        raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    per_pass = max(num_rows // batch_size, 1)
+    epoch, pos = divmod(step, per_pass)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_rows, generator=g)
+    return order[torch.arange(pos * batch_size, (pos + 1) * batch_size) % num_rows]
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This process's contiguous slice of a ``(batch,)`` index tensor; ``batch`` must divide by ``world_size``.
+
+    Returns ``(batch // world_size,)``.
+    """
+    if indices.dim() != 1:
+        raise ValueError(f"indices must be (batch,), got shape {tuple(indices.shape)}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if indices.shape[0] % world_size:
+        raise ValueError(f"indices of length {indices.shape[0]} do not split over world_size={world_size}")
+    per = indices.shape[0] // world_size
+    return indices[rank * per:(rank + 1) * per]
+
+
+def num_rows(data: Batch) -> int:
+    """Rows of a dict of tensors that all have the same first dimension."""
+    sizes = {name: x.shape[0] for name, x in data.items()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"data tensors differ in their number of rows: {sizes}")
+    return next(iter(sizes.values()))
+
+
+def take(data: Batch, idx: torch.Tensor, device: torch.device | str = "cpu") -> Batch:
+    """Rows ``idx`` (``(batch,)``) of every ``(rows, ...)`` tensor of ``data``, moved to ``device``."""
+    return {name: x[idx].to(device) for name, x in data.items()}
+
+
+# ---------------------------------------------------------------------- the SFT loss
+def lm_batch_loss(model: nn.Module, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss of a causal LM on one right-padded batch.
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``loss_mask``, each ``(batch, seq_len)``;
+    ``loss_mask`` marks the target tokens (0 on padding). ``reduction``: "mean" -> ``()`` mean over the target
+    tokens, "sum" -> ``()`` their sum.
+    """
+    mask = batch["attention_mask"]
+    # Columns that are padding in every row change nothing but cost a forward pass.
+    width = min(max(int(mask.sum(-1).max()), 2), mask.shape[1])
+    ids = batch["input_ids"][:, :width]
+    logits = model(input_ids=ids, attention_mask=mask[:, :width], use_cache=False).logits
+    return lm_loss(logits, ids, mask=batch["loss_mask"][:, :width], reduction=reduction)
+
+
+def sft_batch_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``lm_batch_loss`` (mean over target tokens, ``()``) and the batch's perplexity ``exp(loss)``."""
+    loss = lm_batch_loss(model, batch)
+    return loss, {"perplexity": perplexity(loss.detach())}
+
+
+@torch.no_grad()
+def lm_eval_sums(model: nn.Module, data: Batch, batch_size: int,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(2,)`` float64: the next-token loss summed over every target token of ``data``, and their number.
+
+    Sums rather than a mean, so that processes holding different shards add up to the token-weighted mean.
+    ``data`` holds ``(rows, seq_len)`` tensors as in ``lm_batch_loss``.
+    """
+    total = torch.zeros(2, dtype=torch.float64)
+    rows = num_rows(data)
+    for start in range(0, rows, batch_size):
+        batch = take(data, torch.arange(start, min(start + batch_size, rows)), device)
+        total[0] += float(lm_batch_loss(model, batch, reduction="sum"))
+        total[1] += float(batch["loss_mask"][:, 1:].sum())
+    return total
+
+
+def strided_rows(rows: int, rank: int, world_size: int) -> torch.Tensor:
+    """This process's evaluation rows ``rank, rank + world_size, ...``: ``(about rows / world_size,)`` int64."""
+    return torch.arange(rank, rows, world_size)
+
+
+def evaluate_lm(model: nn.Module, data: Batch, batch_size: int, acc: Accelerator) -> dict[str, float]:
+    """Held-out ``eval/loss`` (token-weighted mean over all processes' rows) and ``eval/perplexity``."""
+    model.eval()
+    mine = take(data, strided_rows(num_rows(data), acc.process_index, acc.num_processes))
+    sums = torch.zeros(2, dtype=torch.float64)
+    if num_rows(mine):
+        sums = lm_eval_sums(model, mine, batch_size, acc.device)
+    if acc.num_processes > 1:
+        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+    model.train()
+    loss = float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+    return {"eval/loss": loss, "eval/perplexity": perplexity(loss) if math.isfinite(loss) else math.nan}
+
+
+# ---------------------------------------------------------------------- optimisation
+def make_accelerator(t: DictConfig) -> Accelerator:
+    """The Accelerator of a stage from its ``trainer`` config (``cpu``, ``mixed_precision``, ``dist_timeout_s``)."""
+    return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
+
+
+def build_optimizer(params, *, lr: float, weight_decay: float, betas: tuple[float, float], scheduler: str,
+                    warmup_steps: int, max_steps: int):
+    """AdamW over ``params`` and a transformers schedule (``constant_with_warmup``, ``linear``, ``cosine``)."""
+    optimizer = torch.optim.AdamW(list(params), lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup_steps,
+                             num_training_steps=max_steps)
+    return optimizer, schedule
+
+
+def optimizer_step(acc: Accelerator, module: nn.Module, optimizer, scheduler, max_grad_norm: float | None,
+                   step: int) -> float:
+    """Clip the global gradient norm, step the optimizer and the schedule; returns the norm before clipping."""
+    from rlhf.trainer import TrainingError
+
+    norm = acc.clip_grad_norm_(module.parameters(), max_grad_norm if max_grad_norm is not None else math.inf)
+    norm = float(norm)
+    # The norm of the synchronised gradients: every process sees the same value, so all of them stop together.
+    if not math.isfinite(norm):
+        raise TrainingError(f"trainer.lr: non-finite loss or gradient at step {step}; lower trainer.lr, set "
+                            "trainer.max_grad_norm, or check the data")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def _mean_over_processes(acc: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = list(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()).to(acc.device) for k in names])
+    if acc.num_processes > 1:
+        stacked = acc.reduce(stacked, reduction="mean")
+    return dict(zip(names, stacked.tolist()))
+
+
+# ---------------------------------------------------------------------- saving
+def save_final(model, tokenizer, folder: str) -> str:
+    """Write ``model.save_pretrained`` + the tokenizer into ``folder`` atomically (``folder.tmp``, then rename).
+
+    A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
+    """
+    from rlhf.trainer import TrainingError
+
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
+    tmp = folder.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------- the loop
+def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batch_loss: BatchLoss,
+        evaluate: Evaluate, save: Callable[[nn.Module], None]) -> list[dict]:
+    """The supervised loop of SFT and reward training; returns the metric lines, one per logged step.
+
+    Uses ``cfg.seed``, ``cfg.run_dir``, ``cfg.trainer`` and ``cfg.logging``. Each step:
+
+        1. batch     ``batch_indices`` of ``train`` (``(rows, ...)`` tensors), this process's shard
+        2. loss      ``batch_loss(module, batch) -> (loss, stats)``
+        3. update    backward, clip, AdamW, schedule
+        4. evaluate  ``evaluate(module) -> metrics`` before the first update, every ``trainer.eval_every``
+                     updates and after the last one
+        5. log       ``metrics.jsonl`` (and TensorBoard, W&B) on the main process
+
+    Every metric of line ``step`` describes the model after ``step`` updates; the last line
+    (``step == trainer.max_steps``) holds only the final evaluation. Then ``save(unwrapped module)`` runs on
+    the main process.
+    """
+    t = cfg.trainer
+    optimizer, scheduler = build_optimizer(
+        (p for p in module.parameters() if p.requires_grad), lr=t.lr, weight_decay=t.weight_decay,
+        betas=t.adam_betas, scheduler=t.scheduler, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
+    module, optimizer = acc.prepare(module, optimizer)
+    logger = MetricsLogger(cfg.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
+                           wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+                           config=OmegaConf.to_container(cfg, resolve=True))
+    rows = num_rows(train)
+    bar = None
+    if cfg.logging.progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.max_steps, desc=os.path.basename(cfg.run_dir) or "train", dynamic_ncols=True)
+    history = []
+    try:
+        for step in range(t.max_steps + 1):
+            metrics: dict = {"step": step}
+            evaluated = step == 0 or step == t.max_steps or (t.eval_every > 0 and step % t.eval_every == 0)
+            if evaluated:
+                metrics.update(evaluate(module))
+            if step < t.max_steps:
+                metrics.update(_train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg,
+                                           step))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
+                    bar.update(1)
+            if evaluated or step % t.log_every == 0:
+                logger.log(metrics)
+                history.append(metrics)
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        save(acc.unwrap_model(module))
+    acc.wait_for_everyone()
+    return history
+
+
+def _train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg, step) -> dict[str, float]:
+    t = cfg.trainer
+    t0 = time.perf_counter()
+    idx = shard(batch_indices(rows, t.batch_size, step, cfg.seed), acc.process_index, acc.num_processes)
+    loss, stats = batch_loss(module, take(train, idx, acc.device))
+    acc.backward(loss)
+    lr = scheduler.get_last_lr()[0]
+    grad_norm = optimizer_step(acc, module, optimizer, scheduler, t.max_grad_norm, step)
+    out = {f"train/{k}": v for k, v in _mean_over_processes(acc, {"loss": loss, **stats}).items()}
+    out.update({"train/lr": lr, "train/grad_norm": grad_norm, "time/step_s": time.perf_counter() - t0})
+    return out
+
+
+# ---------------------------------------------------------------------- the SFT stage
+def load_sft_splits(cfg: DictConfig) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Train rows and held-out rows (None when ``data.num_eval == 0``), with normalized columns.
+
+    Raises ``rlhf.data.DataError`` on bad data; nothing else loads before this.
+    """
+    from rlhf.data import load_sft
+
+    d = cfg.data
+    columns = dict(format=d.format, prompt_column=d.prompt_column, completion_column=d.completion_column,
+                   text_column=d.text_column, messages_column=d.messages_column, seed=cfg.seed)
+    train = load_sft(d.source, split=d.train_split, n=d.num_train, **columns)
+    if d.num_eval == 0:
+        return train, None
+    return train, load_sft(d.eval_source or d.source, split=d.eval_split, n=d.num_eval, **columns)
+
+
+def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[dict]:
+    """Run SFT from a validated config (``rlhf.config.validate_sft_config``); returns the metric lines.
+
+    Writes ``metrics.jsonl`` and the model + tokenizer folder ``<run_dir>/final``.
+    """
+    from rlhf.data import tokenize_sft
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    t, d = cfg.trainer, cfg.data
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
+    acc = accelerator or make_accelerator(t)
+    torch.manual_seed(cfg.seed)
+    train_rows, eval_rows = load_sft_splits(cfg)                                         # 1. data
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init)
+    train = tokenize_sft(train_rows, tokenizer, d.max_length, d.completion_only, d.add_eos)
+    held_out = tokenize_sft(eval_rows, tokenizer, d.max_length, d.completion_only, d.add_eos) \
+        if eval_rows is not None else None
+    model = load_causal_lm(cfg.model.init, tokenizer, cfg.model.dtype, seed=cfg.seed)  # 2. model
+    model.train()
+
+    def evaluate(module: nn.Module) -> dict[str, float]:
+        return evaluate_lm(module, held_out, t.eval_batch_size, acc) if held_out is not None else {}
+
+    folder = os.path.join(cfg.run_dir, FINAL_DIR)
+    history = fit(cfg, acc, model, train, sft_batch_loss, evaluate,                     # 3. train
+                  lambda m: save_final(m, tokenizer, folder))
+    if acc.is_main_process:
+        log.info(sft_summary(history, folder))
+    return history
+
+
+def sft_summary(history: list[dict], folder: str) -> str:
+    """The one-line result of an SFT run: held-out perplexity before -> after, and where the model is."""
+    evals = [m for m in history if "eval/perplexity" in m]
+    if not evals:
+        return f"SFT done; model saved to {folder}"
+    first, last = evals[0]["eval/perplexity"], evals[-1]["eval/perplexity"]
+    return f"SFT done: eval perplexity {first:.2f} -> {last:.2f}; model saved to {folder}"
