@@ -249,13 +249,14 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
     for key in ("policy", "tokenizer", "reward", "reward_tokenizer", "value"):
         spec = cfg.model[key]
-        if spec is not None:
+        if spec is not None and not (key == "value" and spec == "policy"):
             try:
                 check_spec(spec, f"model.{key}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
     for key in ("reward", "value"):
-        _check_one_label(cfg.model[key], f"model.{key}")
+        if cfg.model[key] != "policy":
+            _check_one_label(cfg.model[key], f"model.{key}")
     _check(cfg.data.num_prompts > 0, "data.num_prompts", "must be > 0")
     for key in ("function", "gold"):
         if cfg.reward[key] is not None:

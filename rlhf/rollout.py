@@ -77,10 +77,12 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
         pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = policy.training
     policy.eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
     policy.train(was_training)
-    response_ids = out[:, query_ids.shape[1]:]
+    # inference_mode skips autograd bookkeeping while decoding; the clone (made outside it) is an ordinary tensor
+    # that the update's forward may save for backward.
+    response_ids = out[:, query_ids.shape[1]:].clone()
     return response_ids, response_mask_from_ids(response_ids, tokenizer.eos_token_id)
 
 

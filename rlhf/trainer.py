@@ -242,9 +242,9 @@ class PolicyTrainer:
         if cfg.algorithm.critic:
             if self.resume_from:
                 value = load_score_model(os.path.join(self.resume_from, "value"), tok, m.dtype, key="trainer.resume")
-            elif m.value is not None:
+            elif m.value is not None and m.value != "policy":
                 value = load_score_model(m.value, tok, m.dtype, seed=cfg.seed, key="model.value")
-            elif reward is not None and reward_tok is None:
+            elif m.value is None and reward is not None and reward_tok is None:
                 value = copy.deepcopy(reward).requires_grad_(True)
             else:
                 value = value_model_from_policy(policy, tok)

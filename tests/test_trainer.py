@@ -213,3 +213,19 @@ def test_fused_rollout_forward_gives_the_same_update(policy_cfg, algorithm):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for key in ("score", "kl", "policy/loss"):
         assert fused_hist[-1][key] == pytest.approx(plain_hist[-1][key], rel=1e-4, abs=1e-6)
+
+
+def test_value_model_from_the_policy_backbone_on_request(policy_cfg, tmp_path):
+    """model.value=policy: the critic starts from the policy's backbone even when a reward model is configured."""
+    from rlhf.models import load_score_model, load_tokenizer
+
+    tok = load_tokenizer("builtin:words")
+    load_score_model("builtin:tiny", tok, seed=5).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    trainer = PolicyTrainer(policy_cfg(f"model.reward={tmp_path / 'rm'}", "model.value=policy",
+                                       "trainer.max_steps=1"))
+    for (name, p), q in zip(trainer.models.policy.base_model.named_parameters(),
+                            trainer.models.value.base_model.parameters()):
+        assert torch.equal(p, q), name
+    head = trainer.models.value.score.weight
+    assert torch.count_nonzero(head) == 0
