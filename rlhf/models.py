@@ -40,6 +40,10 @@ BUILTIN_ARCHS: dict[str, dict] = {
     # The benchmark workload W1 (about 3.7 M parameters with a 1024-word vocabulary).
     "w1": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False),
+    # GPT-2-small-sized (about 85 M parameters without the embeddings): big enough to be compute-bound on a GPU, for
+    # the GPU check's bf16 figures.
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=12, max_position_embeddings=512, tie_word_embeddings=False),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Short GPU check (a few minutes): bf16 PPO and RLOO steps on one GPU with the W1-sized model.
+# Short GPU check (a few minutes): bf16 PPO and RLOO steps on one GPU with the W1-sized model, and bf16 vs fp32 PPO
+# with a GPT-2-small-sized one.
 # Prints one JSON line per run: median step time (steps >= 2), the generate/score/update split, generated
 # tokens per second and peak GPU memory. Usage: bash scripts/device_check.sh [out_dir]
 # With deepspeed installed it also runs RLOO under DeepSpeed ZeRO-2 and ZeRO-3 on this one GPU (one process: a smoke
@@ -10,15 +11,15 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 run() {
   local name=$1; shift
-  ${LAUNCH:-python} scripts/train_policy.py model.policy=builtin:w1 trainer.mixed_precision=bf16 trainer.max_steps=12 \
+  ${LAUNCH:-python} scripts/train_policy.py model.policy=${MODEL:-builtin:w1} trainer.mixed_precision=bf16 trainer.max_steps=12 \
     rollout.prompts_per_step=64 rollout.samples_per_prompt=4 rollout.max_new_tokens=32 rollout.min_new_tokens=32 \
     trainer.ppo_epochs=1 trainer.minibatches=1 trainer.save_every=0 logging.progress=false logging.tensorboard=false \
     hydra.run.dir="$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; exit 1; }
-  python - "$out/$name/metrics.jsonl" "$name" <<'PY'
+  python - "$out/$name/metrics.jsonl" "$name" "${MODEL:-builtin:w1}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])][2:]
 med = lambda k: statistics.median(r[k] for r in rows)
-print(json.dumps({"run": sys.argv[2], "steps_timed": len(rows), "step_s": round(med("time/step_s"), 4),
+print(json.dumps({"run": sys.argv[2], "model": sys.argv[3], "steps_timed": len(rows), "step_s": round(med("time/step_s"), 4),
                   "generate_s": round(med("time/generate_s"), 4), "score_s": round(med("time/score_s"), 4),
                   "update_s": round(med("time/update_s"), 4),
                   "gen_tokens_per_s": round(med("time/generated_tokens_per_s")),
@@ -29,6 +30,9 @@ PY
 run ppo_bf16 algorithm=ppo
 run rloo_bf16 algorithm=rloo
 run rloo_fp32 algorithm=rloo trainer.mixed_precision=no
+# A GPT-2-small-sized policy (and critic): large enough for bf16 to pay off.
+MODEL=builtin:small run small_ppo_bf16 algorithm=ppo trainer.lr=1e-5 trainer.value_lr=1e-5
+MODEL=builtin:small run small_ppo_fp32 algorithm=ppo trainer.lr=1e-5 trainer.value_lr=1e-5 trainer.mixed_precision=no
 if python -c "import deepspeed" > /dev/null 2>&1; then
   for stage in 2 3; do
     # The checkpoint must hold whole weights (ZeRO-3 gathers them): policy_mb is far above 0 when it does.
