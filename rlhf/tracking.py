@@ -17,12 +17,25 @@ def _jsonable(v):
     return v
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one JSONL line, or None for a line a killed process left half-written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
-    """Drop lines with ``step > last_step`` (written after the checkpoint we resume from)."""
+    """Drop lines with ``step > last_step`` (written after the checkpoint we resume from), and any line cut short
+    by a crash in the middle of a write."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        keep = []
+        for line in f:
+            step = _step_of(line)
+            if step is not None and step <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)

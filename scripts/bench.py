@@ -157,7 +157,12 @@ def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> 
     except ImportError:
         return {"error": "trl is not installed: pip install 'rlhf[bench]'"}
     import datasets
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainerCallback,
+    )
     from trl import RLOOConfig, RLOOTrainer
 
     tok = AutoTokenizer.from_pretrained(f"{folder}/policy", padding_side="left")
