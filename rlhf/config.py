@@ -33,7 +33,6 @@ class ModelConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = MISSING
     advantage: str = MISSING
     policy_loss: str = MISSING
     critic: bool = MISSING
@@ -47,7 +46,7 @@ class DataConfig:
     prompts: str = MISSING
     prompt_column: str = "prompt"
     split: str = "train"
-    num_prompts: int = 2048
+    num_prompts: int | None = 2048
     max_prompt_length: int = 64
 
 
@@ -70,7 +69,6 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    engine: str = "hf"
     logprob_chunk_size: int = 1024
 
 
@@ -201,7 +199,6 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(r.temperature > 0, "rollout.temperature", "must be > 0")
     _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _check_choice(r.engine, "rollout.engine", ["hf"])
     _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
 
     _check(k.beta >= 0, "kl.beta", f"must be >= 0, got {k.beta}")
@@ -234,7 +231,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check_choice(t.value_loss, "trainer.value_loss", ["mse", "huber"])
     _check_choice(t.loss_agg, "trainer.loss_agg", list(AGGREGATION_MODES))
     _check_choice(t.scheduler, "trainer.scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
-    _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16", "fp16"])
+    _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16"])  # fp16 needs a loss scaler
     _check(t.keep_last >= 1, "trainer.keep_last", "must be >= 1")
     _check(t.save_every >= 0 and t.sample_every >= 0 and t.log_every >= 1, "trainer.save_every",
            "save_every and sample_every must be >= 0, log_every >= 1")
@@ -257,7 +254,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     for key in ("reward", "value"):
         if cfg.model[key] != "policy":
             _check_one_label(cfg.model[key], f"model.{key}")
-    _check(cfg.data.num_prompts > 0, "data.num_prompts", "must be > 0")
+    _check(cfg.data.num_prompts is None or cfg.data.num_prompts > 0, "data.num_prompts", "must be > 0 or null")
     for key in ("function", "gold"):
         if cfg.reward[key] is not None:
             import_function(cfg.reward[key], f"reward.{key}")
@@ -405,7 +402,7 @@ def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
     _check_choice(t.scheduler, "trainer.scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0 or null")
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
-    _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16", "fp16"])
+    _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16"])  # fp16 needs a loss scaler
     _check(t.torch_threads is None or t.torch_threads > 0, "trainer.torch_threads", "must be > 0 or null")
     _check(t.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
 

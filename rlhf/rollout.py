@@ -71,10 +71,13 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= max_new_tokens, padded
     with the pad id after EOS) and ``response_mask (N, R)``.
     """
+    # Every sampling knob is set explicitly: a field left None is filled from transformers' defaults or the
+    # model's generation_config.json (top_k=50, repetition penalties, ...), and the responses would then no longer
+    # be samples of the distribution whose log-probs the update uses. top_k=0 disables top-k.
     gen_cfg = GenerationConfig(
         do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-        top_k=top_k if top_k > 0 else None, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = policy.training
     policy.eval()
     with torch.inference_mode():

@@ -386,7 +386,7 @@ class PolicyTrainer:
             rewards = self.shape(rollout, kl_tok, beta)                           # 3. shape
             advantages, returns, ev = self.estimate(rollout, rewards)             # 4. estimate
             t1 = time.perf_counter()
-            update_stats = self.update(rollout, advantages, returns, beta)        # 5. update
+            update_stats = self.update(rollout, advantages, returns, beta, step)        # 5. update
             t_update = time.perf_counter() - t1
             if update_stats["policy/skipped_updates"] > 0:
                 self._count_nonfinite(step, "a non-finite loss or gradient")
@@ -410,7 +410,7 @@ class PolicyTrainer:
         n = len(self.prompts)
         per_epoch = max(n // p, 1)
         epoch, pos = divmod(step, per_epoch)
-        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)  # no overlap between seeds' epochs
         order = torch.randperm(n, generator=g)
         idx = order[torch.arange(pos * p, pos * p + p) % n]
         per_rank = p // self.acc.num_processes
@@ -466,15 +466,13 @@ class PolicyTrainer:
         """``(N, R)`` per-token KL of the rollout against the reference; zeros when no reference is loaded."""
         if ro.ref_logprobs is None:
             return torch.zeros_like(ro.logprobs)
-        return per_token_kl(ro.logprobs, ro.ref_logprobs, estimator) * ro.response_mask
+        kl = per_token_kl(ro.logprobs, ro.ref_logprobs, estimator)
+        return torch.where(ro.response_mask.bool(), kl, 0.0)  # padding log-probs may be inf: never multiply
 
     def shape(self, ro: Rollout, kl_tok: torch.Tensor, beta: float) -> torch.Tensor:
         """``(N, R)`` rewards: -beta * kl_t per token (if kl.in_reward), score at the last real token."""
         kl_in_reward = kl_tok if self.cfg.kl.in_reward else torch.zeros_like(kl_tok)
-        rewards = shape_rewards(ro.scores, kl_in_reward, ro.response_mask, beta)
-        if self.cfg.trainer.whiten_rewards:
-            rewards = masked_whiten(rewards, ro.response_mask, shift_mean=False)
-        return rewards
+        return shape_rewards(ro.scores, kl_in_reward, ro.response_mask, beta)
 
     # ------------------------------------------------------------------ 4. estimate
     def estimate(self, ro: Rollout, rewards: torch.Tensor):
@@ -485,6 +483,8 @@ class PolicyTrainer:
         local_r = rewards.shape[1]
         g_rewards, g_mask = self._gather(rewards, r_max), self._gather(ro.response_mask, r_max)
         g_values = self._gather(ro.values, r_max) if ro.values is not None else None
+        if self.cfg.trainer.whiten_rewards:  # over the batch of all processes, like every other statistic
+            g_rewards = masked_whiten(g_rewards, g_mask, shift_mean=False)
         adv, ret = self.estimator(g_rewards, g_mask, g_values, group_size=self.cfg.rollout.samples_per_prompt,
                                   gamma=a.gamma, lam=a.lam, std_normalize=a.std_normalize)
         if self.cfg.trainer.whiten_advantages:
@@ -501,7 +501,7 @@ class PolicyTrainer:
         return self.acc.gather(x.contiguous())
 
     # ------------------------------------------------------------------ 5. update
-    def update(self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, beta: float) -> dict:
+    def update(self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, beta: float, step: int) -> dict:
         """PPO-style update: ``ppo_epochs`` passes, ``minibatches`` optimizer steps each, ``grad_accum``
         micro-batches per step. Each micro-batch loss is scaled so the summed gradient equals the gradient of the
         loss aggregated over the whole minibatch on all processes."""
@@ -509,7 +509,8 @@ class PolicyTrainer:
         n = ro.response_ids.shape[0]
         mb_size = n // t.minibatches
         micro = mb_size // t.grad_accum
-        g = torch.Generator().manual_seed(step_seed(cfg.seed, 10**6, self.acc.process_index))
+        # Seeded by the step (resume stays exact) and offset from the sampling seed of the same step.
+        g = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, self.acc.process_index))
         sums: dict[str, torch.Tensor] = {}
         count = 0
         norms, skipped = [], 0
@@ -686,7 +687,7 @@ class PolicyTrainer:
         if self.acc.is_main_process:
             state = {"step": step, "optimizer": optimizer_state,
                      "scheduler": self.scheduler.state_dict(), "kl_controller": self.kl_ctl.state_dict(),
-                     "nonfinite_steps": self.nonfinite_steps, "rng": torch.get_rng_state(),
+                     "nonfinite_steps": self.nonfinite_steps,
                      "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
             def write(folder: str) -> None:

@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import validate_reward_config
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, one_line_hydra_errors
 
 
 @hydra.main(config_path="../configs", config_name="reward", version_base="1.3")
@@ -26,4 +26,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_hydra_errors(main)()

@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import validate_sft_config
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, one_line_hydra_errors
 
 
 @hydra.main(config_path="../configs", config_name="sft", version_base="1.3")
@@ -24,4 +24,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_hydra_errors(main)()

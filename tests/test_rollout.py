@@ -118,3 +118,19 @@ def test_bad_reward_function_names_the_function(fn, fragment):
 def test_reward_function_values():
     out = call_reward_function(good, "good", ["p", "q"], ["a", "bbb"])
     assert out.tolist() == [1.0, 3.0]
+
+
+def test_sampling_is_from_the_full_softmax(tiny):
+    """rollout.top_k=0 means no top-k: tokens outside the 50 most likely ones must be drawn (transformers fills an
+    unset top_k with 50). The untrained model's next-token distribution is close to uniform over ~140 tokens, so
+    ~60% of 512 draws fall outside its top 50; with a hidden top-50 filter none would."""
+    from rlhf.rollout import generate
+
+    tok, model = tiny
+    q = tok(["the food was"] * 512, return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    ids, _ = generate(model, q["input_ids"], q["attention_mask"], tok, max_new_tokens=1, min_new_tokens=1)
+    with torch.no_grad():
+        top50 = model(q["input_ids"][:1]).logits[0, -1].topk(50).indices
+    outside = (~torch.isin(ids[:, 0], top50)).float().mean().item()
+    assert outside > 0.3, outside
