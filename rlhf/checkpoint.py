@@ -95,3 +95,19 @@ def _write_failure(ckpt_root: str, final: str, err: BaseException) -> str:
 
 def load_trainer_state(path: str) -> dict:
     return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
+def set_aside_newer(ckpt_root: str, step: int) -> list[str]:
+    """Move complete checkpoints newer than ``step`` into ``ckpt_root/abandoned/``, where ``latest_checkpoint`` no
+    longer sees them: after resuming from an older checkpoint they belong to a discarded future, and a later
+    ``resume=auto`` must not jump back to them. Nothing is deleted. Returns the new paths."""
+    moved = []
+    for s, path in list_checkpoints(ckpt_root):
+        if s > step:
+            target = os.path.join(ckpt_root, "abandoned", os.path.basename(path))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(path, target)
+            moved.append(target)
+    return moved

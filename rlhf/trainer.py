@@ -39,6 +39,7 @@ from rlhf.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
     save_checkpoint,
+    set_aside_newer,
 )
 from rlhf.config import ConfigError, import_function
 from rlhf.kl import build_kl_controller, per_token_kl, shape_rewards
@@ -162,6 +163,9 @@ class PolicyTrainer:
         if self.acc.is_main_process and t.resume is not None:
             truncate_metrics(self.logger.path, self.start_step - 1)
             truncate_metrics(self.logger.samples_path, self.start_step - 1)
+            for path in set_aside_newer(self.ckpt_root, self.start_step):
+                warnings.warn(f"trainer.resume: newer checkpoint moved to {path} (this run continues from step "
+                              f"{self.start_step})", stacklevel=2)
 
     # ------------------------------------------------------------------ setup
     def _shared_run_dir(self, run_dir: str) -> str:

@@ -543,3 +543,21 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(reference_metrics,
     rows = _read_metrics(run)
     assert [r["step"] for r in rows] == list(range(6))  # each step exactly once
     assert _comparable(rows) == _comparable(reference_metrics)
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(policy_cfg, tmp_path):
+    """Resume from step_2 of a run that reached step_4: step_4 belongs to an abandoned future. It is moved to
+    checkpoints/abandoned/ (not deleted), so a later resume=auto continues this run, not the old one."""
+    from rlhf.checkpoint import latest_checkpoint
+    from rlhf.trainer import PolicyTrainer
+
+    common = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=5"]
+    PolicyTrainer(policy_cfg(*common)).train()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(str(ckpts)).endswith("step_4")
+    with pytest.warns(UserWarning, match="newer checkpoint moved"):
+        trainer = PolicyTrainer(policy_cfg("trainer.max_steps=3", "trainer.keep_last=5",
+                                           f"trainer.resume={ckpts / 'step_2'}"))
+    assert (ckpts / "abandoned" / "step_4" / "COMPLETE").exists() and not (ckpts / "step_4").exists()
+    trainer.train()
+    assert latest_checkpoint(str(ckpts)).endswith("step_3")
