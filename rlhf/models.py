@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhf.kl import last_token_index
+
 BUILTIN_PREFIX = "builtin:"
 
 # Architectures built from a config with random weights. "tiny" is the offline default: small enough that the
@@ -255,19 +257,13 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return score_head(model)(hidden).squeeze(-1).float()
 
 
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """``(batch, seq)`` mask -> ``(batch,)`` index of the last 1 in each row."""
-    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), idx, -1).amax(-1)
-
-
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Reward-model score read at the last non-pad token (the last 1 of ``attention_mask``).
 
     input_ids, attention_mask: ``(batch, seq)``. Returns ``(batch,)`` float32.
     """
     scores = token_scores(model, input_ids, attention_mask)
-    return scores.gather(1, last_index(attention_mask).unsqueeze(1)).squeeze(1)
+    return scores.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 
 @dataclass

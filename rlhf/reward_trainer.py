@@ -35,15 +35,14 @@ from omegaconf import DictConfig
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
+from rlhf.config import REWARD_OBJECTIVES
 from rlhf.losses import binary_cross_entropy_with_logits, huber, mae, mse
 from rlhf.models import sequence_scores
 from rlhf.objectives import bradley_terry_loss, preference_accuracy
-from rlhf.sft import FINAL_DIR, Batch, fit, make_accelerator, num_rows, save_final, strided_rows, take
+from rlhf.runtime import make_accelerator
+from rlhf.sft import FINAL_DIR, Batch, fit, num_rows, save_final, strided_rows, take
 
 log = logging.getLogger(__name__)
-
-OBJECTIVES = ("pairwise", "regression", "binary")
-
 
 # ---------------------------------------------------------------------- the objectives
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -102,7 +101,7 @@ def objective_loss(objective: str, scores: torch.Tensor, batch: Batch,
         return regression_loss(scores[:, 0], batch["label"], loss_cfg.regression, loss_cfg.huber_delta)
     if objective == "binary":
         return binary_loss(scores[:, 0], batch["label"])
-    raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    raise ValueError(f"objective must be one of {', '.join(REWARD_OBJECTIVES)}, got {objective!r}")
 
 
 # ---------------------------------------------------------------------- scoring

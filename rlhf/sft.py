@@ -22,17 +22,16 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import datasets
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import get_scheduler
 
 from rlhf.losses import lm_loss, perplexity
+from rlhf.runtime import make_accelerator
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -153,12 +152,6 @@ def evaluate_lm(model: nn.Module, data: Batch, batch_size: int, acc: Accelerator
 
 
 # ---------------------------------------------------------------------- optimisation
-def make_accelerator(t: DictConfig) -> Accelerator:
-    """The Accelerator of a stage from its ``trainer`` config (``cpu``, ``mixed_precision``, ``dist_timeout_s``)."""
-    return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
-
-
 def build_optimizer(params, *, lr: float, weight_decay: float, betas: tuple[float, float], scheduler: str,
                     warmup_steps: int, max_steps: int):
     """AdamW over ``params`` and a transformers schedule (``constant_with_warmup``, ``linear``, ``cosine``)."""

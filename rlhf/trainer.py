@@ -23,11 +23,10 @@ import signal
 import sys
 import time
 import warnings
-from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
@@ -65,6 +64,7 @@ from rlhf.rollout import (
     response_values,
     score_responses,
 )
+from rlhf.runtime import make_accelerator
 from rlhf.tracking import MetricsLogger, truncate_metrics
 
 
@@ -111,9 +111,7 @@ class PolicyTrainer:
         t = cfg.trainer
         if t.torch_threads:
             torch.set_num_threads(t.torch_threads)
-        self.acc = accelerator or Accelerator(
-            cpu=t.cpu, mixed_precision=t.mixed_precision,
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
+        self.acc = accelerator or make_accelerator(t)
         self.run_dir = self._shared_run_dir(cfg.run_dir)
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.resume_from = self._resolve_resume(t.resume)

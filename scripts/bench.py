@@ -22,9 +22,10 @@ import sys
 import tempfile
 import time
 
+from rlhf.models import BUILTIN_ARCHS
+
 # W1: a 3.7 M-parameter Llama (issue "Speed", workload W1).
-W1 = dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-          num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False)
+W1 = {**BUILTIN_ARCHS["w1"], "vocab_size": 1024}
 N_PROMPTS, PROMPT_LEN, PROMPTS_PER_STEP, SAMPLES, NEW_TOKENS = 512, 16, 16, 4, 32
 
 

@@ -8,7 +8,6 @@ import torch
 from rlhf.models import (
     ModelSpecError,
     check_spec,
-    last_index,
     load_causal_lm,
     load_score_model,
     load_tokenizer,
@@ -87,6 +86,8 @@ def test_scores_are_read_at_the_last_real_token(tok):
         l_ = sequence_scores(rm, left, torch.cat([zeros, ones], 1))
     torch.testing.assert_close(r, alone.reshape(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l_, alone.reshape(1), atol=1e-5, rtol=1e-5)
+    from rlhf.kl import last_token_index as last_index
+
     assert last_index(torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [2, 0]
 
 
