@@ -24,6 +24,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.models import Models
 from rlhf.rollout import generate, score_responses
+from rlhf.sampling import row_keys
+
+# The counter sampler's "step" for best-of-n pools: far past any training step, so a pool never repeats the
+# samples of a training rollout with the same seed.
+BEST_OF_N_STREAM = 1 << 48
 
 
 def bon_kl(n: int) -> float:
@@ -90,12 +95,13 @@ def best_of_n_table(proxy: torch.Tensor, gold: torch.Tensor, ns: Sequence[int]) 
 
 def sample_pool(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], n_max: int,
                 *, max_new_tokens: int, min_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0,
-                top_p: float = 1.0, max_rows: int = 1024):
+                top_p: float = 1.0, max_rows: int = 1024, sampler: str = "counter", seed: int = 0):
     """Yield ``(prompts_chunk, query_ids, query_mask, response_ids, response_mask)`` for ``n_max`` samples of every
     prompt, at most ``max_rows`` rows per generate call (to bound memory).
 
     Shapes: ``query_* (chunk * n_max, Q)``, ``response_* (chunk * n_max, R)``; the samples of one prompt are
-    consecutive rows.
+    consecutive rows. With the counter sampler, row ``i`` of the whole pool is keyed by ``(seed, BEST_OF_N_STREAM,
+    i)``, so the pool does not depend on ``max_rows``.
     """
     if n_max < 1:
         raise ValueError(f"n_max must be >= 1, got {n_max}")
@@ -106,8 +112,10 @@ def sample_pool(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left")
         q_ids = enc["input_ids"].repeat_interleave(n_max, 0).to(device)
         q_mask = enc["attention_mask"].repeat_interleave(n_max, 0).to(device)
+        rows = start * n_max + torch.arange(q_ids.shape[0])
         r_ids, r_mask = generate(policy, q_ids, q_mask, tokenizer, max_new_tokens=max_new_tokens,
-                                 min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+                                 min_new_tokens=min_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 sampler=sampler, row_keys=row_keys(seed, BEST_OF_N_STREAM, rows))
         yield chunk, q_ids, q_mask, r_ids, r_mask
 
 
@@ -195,7 +203,8 @@ def run_best_of_n(cfg: DictConfig, num_prompts: int, n_max: int, max_rows: int =
     proxy, gold = [], []
     for chunk, *tensors in sample_pool(models.policy, models.tokenizer, prompts, n_max,
                                        max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
-                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=max_rows):
+                                       temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=max_rows,
+                                       sampler=r.sampler, seed=cfg.seed):
         p, g = proxy_and_gold(models, cfg.reward, reward_fn, gold_fn, chunk, *tensors)
         proxy.append(p)
         gold.append(g)

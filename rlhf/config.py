@@ -69,6 +69,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    sampler: str = "counter"
     logprob_chunk_size: int = 1024
 
 
@@ -185,6 +186,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     from rlhf.kl import KL_CONTROLLERS, KL_ESTIMATORS
     from rlhf.models import DTYPES, check_spec
     from rlhf.objectives import AGGREGATION_MODES, POLICY_LOSSES
+    from rlhf.rollout import SAMPLERS
 
     cfg = _typed(cfg, PolicyConfig)
     r, k, t, a = cfg.rollout, cfg.kl, cfg.trainer, cfg.algorithm
@@ -199,6 +201,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(r.temperature > 0, "rollout.temperature", "must be > 0")
     _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check_choice(r.sampler, "rollout.sampler", SAMPLERS)
     _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
 
     _check(k.beta >= 0, "kl.beta", f"must be >= 0, got {k.beta}")

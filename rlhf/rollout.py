@@ -19,10 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from rlhf.logprobs import entropy_from_logits, selective_log_softmax
 from rlhf.models import position_ids_from_mask, sequence_scores, token_scores
+from rlhf.sampling import CounterSampler
+
+SAMPLERS = ["counter", "torch"]
 
 
 class Rollout(NamedTuple):
@@ -65,23 +69,48 @@ def has_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_token_i
 
 def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
              tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, min_new_tokens: int = 0,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, sampler: str = "torch",
+             row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per row with a KV cache.
 
     query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= max_new_tokens, padded
     with the pad id after EOS) and ``response_mask (N, R)``.
+
+    sampler "torch": transformers' multinomial sampling from torch's global RNG (so a row's sample depends on the
+    rows before it). "counter": every row draws from its own counter-based stream, ``row_keys (N, 2)`` from
+    :func:`rlhf.sampling.row_keys`, so a row's sample does not depend on the batch it is in or the process that
+    generates it. Both sample from the same distribution.
     """
-    # Every sampling knob is set explicitly: a field left None is filled from transformers' defaults or the
-    # model's generation_config.json (top_k=50, repetition penalties, ...), and the responses would then no longer
-    # be samples of the distribution whose log-probs the update uses. top_k=0 disables top-k.
-    gen_cfg = GenerationConfig(
-        do_sample=True, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=None, typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"rollout.sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, min_p=None, typical_p=1.0,
+                  repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    processors = None
+    if sampler == "torch":
+        # Every sampling knob is set explicitly: a field left None is filled from transformers' defaults or the
+        # model's generation_config.json (top_k=50, repetition penalties, ...), and the responses would then no
+        # longer be samples of the distribution whose log-probs the update uses. top_k=0 disables top-k.
+        gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **common)
+    else:
+        if row_keys is None or row_keys.shape != (query_ids.shape[0], 2):
+            raise ValueError(f"counter sampling needs row_keys of shape ({query_ids.shape[0]}, 2)")
+        # Greedy decoding over scores whose argmax is the drawn token. The warpers are the ones transformers'
+        # sampler would apply, in its order: temperature, top-k, top-p.
+        gen_cfg = GenerationConfig(do_sample=False, temperature=None, top_k=None, top_p=None, **common)
+        processors = LogitsProcessorList()
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(CounterSampler(row_keys, query_ids.shape[1]))
     was_training = policy.training
     policy.eval()
     with torch.inference_mode():
-        out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg)
+        out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg,
+                              logits_processor=processors)
     policy.train(was_training)
     # inference_mode skips autograd bookkeeping while decoding; the clone (made outside it) is an ordinary tensor
     # that the update's forward may save for backward.

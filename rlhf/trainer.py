@@ -65,6 +65,7 @@ from rlhf.rollout import (
     score_responses,
 )
 from rlhf.runtime import make_accelerator
+from rlhf.sampling import row_keys
 from rlhf.tracking import MetricsLogger, truncate_metrics
 
 
@@ -375,7 +376,7 @@ class PolicyTrainer:
         prompts = self.prompt_batch(step)
 
         t0 = time.perf_counter()
-        rollout, t_generate = self.sample(prompts)                                # 1. sample
+        rollout, t_generate = self.sample(prompts, step)                          # 1. sample
         scores, gold, completions = self.score(prompts, rollout)                  # 2. score
         rollout = rollout._replace(scores=scores)
         t_score = time.perf_counter() - t0 - t_generate
@@ -419,7 +420,13 @@ class PolicyTrainer:
         mine = idx[self.acc.process_index * per_rank:(self.acc.process_index + 1) * per_rank]
         return [self.prompts[i] for i in mine.tolist()]
 
-    def sample(self, prompts: list[str]) -> tuple[Rollout, float]:
+    def sampling_keys(self, step: int, rows: int) -> torch.Tensor:
+        """``(rows, 2)`` counter-sampling keys of this process's rows at ``step``: keyed by each row's index in the
+        global batch (rank r holds rows ``r * rows .. (r + 1) * rows - 1``), so the samples do not depend on the
+        number of processes."""
+        return row_keys(self.cfg.seed, step, self.acc.process_index * rows + torch.arange(rows))
+
+    def sample(self, prompts: list[str], step: int) -> tuple[Rollout, float]:
         r = self.cfg.rollout
         tok = self.models.tokenizer
         dev = self.acc.device
@@ -429,7 +436,8 @@ class PolicyTrainer:
         t0 = time.perf_counter()
         response_ids, response_mask = generate(
             self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
-            min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p)
+            min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+            sampler=r.sampler, row_keys=self.sampling_keys(step, query_ids.shape[0]))
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
         if self.fused:

@@ -7,9 +7,9 @@ What is checked, and why these setups:
   the global batch, and the logged metrics are means over every rank's sequences: a probe run records each rank's
   tensors (tests/distributed_worker.py) and the test recomputes the global numbers from them.
 - 2 processes at batch B follow the same trajectory as 1 process at batch 2B, and resuming moves between the two.
-  Sampling draws its randomness per process (one seed per step and rank), so two processes do not sample what one
-  does; these runs use top_k=1 (a greedy, deterministic rollout) and min_new_tokens=max_new_tokens (every response
-  has the same length, so per-process loss means average to the global one). What remains is float32 reduction
+  Rollouts are sampled (temperature 1, full softmax) with the default counter sampler, whose randomness is keyed by
+  (seed, step, global row), so two processes draw the tokens one process draws. min_new_tokens=max_new_tokens
+  (every response has the same length, so per-process loss means average to the global one). What remains is float32 reduction
   order: DDP averages gradients in another order than one process sums them, and the ranks pad prompts to other
   widths. That moves metrics by ~1e-7 relative per step; AdamW and 4 steps amplify it, hence the tolerance TOL.
 - The 2-process runs also accumulate 2 micro-batches per optimizer step (grad_accum=2 under DDP no_sync) where the
@@ -33,10 +33,10 @@ ENV = {"PYTHONPATH": str(ROOT)}  # the launched processes import tests.conftest 
 # Relative / absolute tolerance on every logged metric of the 1-process vs 2-process trajectories (see above).
 TOL = dict(rel=1e-4, abs=1e-5)
 
-# Deterministic rollouts: greedy (top_k=1) and exactly 6 tokens each. 4 steps, a checkpoint after step 2. Two PPO
+# Sampled rollouts (rollout.sampler=counter, the default) of exactly 6 tokens each. 4 steps, a checkpoint after step 2. Two PPO
 # epochs: with more, a clip fraction can flip on a single token whose ratio sits within float reduction-order noise
 # (1e-7) of the clip edge, and clip fractions are counts, not continuous values.
-TRAJECTORY = [*FAST, "algorithm=ppo", "trainer.ppo_epochs=2", "rollout.top_k=1", "rollout.min_new_tokens=6", "trainer.max_steps=4",
+TRAJECTORY = [*FAST, "algorithm=ppo", "trainer.ppo_epochs=2", "rollout.min_new_tokens=6", "trainer.max_steps=4",
               "trainer.save_every=2", "trainer.keep_last=5", "trainer.sample_every=0", "trainer.torch_threads=1"]
 
 
@@ -125,9 +125,12 @@ def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path
     for g1, g8 in zip(grads[1], grads[8]):
         # Same sums in another order: float32 rounding only.
         torch.testing.assert_close(g8, g1, rtol=1e-4, atol=1e-7)
-    for p1, p8 in zip(params[1], params[8]):
-        # AdamW's first step moves each weight by lr * g / (|g| + eps): equal gradients, equal weights.
-        torch.testing.assert_close(p8, p1, rtol=0, atol=1e-5)
+    for p1, p8, g1 in zip(params[1], params[8], grads[1]):
+        # AdamW's first step moves each weight by lr * g / (|g| + eps): equal gradients, equal weights. Where |g| is
+        # near eps = 1e-8 that step is as sensitive to g's rounding as g / eps, so compare where |g| > 1e-6 (the
+        # step is then lr * sign(g) to 1%); the gradients themselves were compared everywhere above.
+        big = g1.abs() > 1e-6
+        torch.testing.assert_close(p8[big], p1[big], rtol=0, atol=1e-5)
 
 
 def _check_backend(dist_type, *overrides, ds_config=None, critic=False):

@@ -1,0 +1,104 @@
+"""Counter-based sampling: the same samples for any number of processes and any batch split.
+
+torch's sampler draws from one generator stream, so which random numbers a row gets depends on how many rows came
+before it in the batch, i.e. on the number of processes. Here the random number of row ``n`` at new-token position
+``t`` is a pure function of ``(seed, step, n, t)``: a hash of those counters. The token is then drawn by inverse
+CDF,
+
+    token = min { v : cdf[n, v] > u(seed, step, n, t) * cdf[n, V - 1] },   cdf = cumsum(softmax(scores[n]))
+
+which samples exactly from ``softmax(scores[n])``. Row ``n`` of the global batch therefore gets the same token
+whether one process generates the whole batch or rank 3 of 8 generates its share.
+
+The hash is Thomas Mueller's 32-bit integer finaliser (``x ^= x >> 16; x *= 0x45d9f3b``), computed in int64 lanes
+that hold values below 2**32: the multiplier is below 2**31, so no product overflows int64 and the result is the
+same on every device. Only ``N`` numbers are hashed per token, so the cost is one softmax, one cumsum and one
+binary search per row: what ``torch.multinomial`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+_MASK32 = 0xFFFFFFFF
+_MUL = 0x45D9F3B
+_GOLDEN = 0x9E3779B9  # 2**32 / golden ratio: spreads consecutive counters before hashing
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Hash int64 values in ``[0, 2**32)`` to int64 values in ``[0, 2**32)``, elementwise; any shape."""
+    x = x & _MASK32
+    for _ in range(3):
+        x = x ^ (x >> 16)
+        x = (x * _MUL) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _fold(h: torch.Tensor, value) -> torch.Tensor:
+    """Absorb one more non-negative counter into hash state ``h`` ``(..., 2)`` (two 32-bit lanes).
+
+    ``value``: int, or int64 tensor of shape ``h.shape[:-1]``. The counter is hashed before it is mixed in, so
+    counters that differ in one low bit (rows 4 and 5) do not give states that differ in one bit.
+    """
+    value = torch.as_tensor(value, dtype=torch.int64, device=h.device).unsqueeze(-1)
+    h = mix32(h ^ mix32(value & _MASK32 ^ _GOLDEN))
+    return mix32(h ^ mix32((value >> 32) & _MASK32))
+
+
+# Start states of the two lanes (hex digits of pi): the lanes see the same counters but start apart, so together
+# they hold 64 bits and two (row, position) counters share a uniform with probability ~2**-53, not ~2**-32.
+_START = (0x243F6A88, 0x85A308D3)
+
+
+def row_keys(seed: int, step: int, rows: torch.Tensor) -> torch.Tensor:
+    """``(N, 2)`` int64 hash state of each row for one step: a function of ``(seed, step, global row index)`` only.
+
+    ``rows (N,)`` holds the rows' indices in the global batch (for rank r of a split batch, ``r * N_local +
+    arange(N_local)``).
+    """
+    if seed < 0 or step < 0:
+        raise ValueError(f"seed and step must be non-negative for counter sampling, got seed={seed} step={step}")
+    h = torch.tensor(_START, dtype=torch.int64, device=rows.device).expand(*rows.shape, 2)
+    return _fold(_fold(_fold(h, seed), step), rows.to(torch.int64))
+
+
+def counter_uniform(keys: torch.Tensor, position: int) -> torch.Tensor:
+    """``(N,)`` float64 uniforms in the open interval (0, 1) for decoding ``position`` (0 = first new token).
+
+    keys: ``(N, 2)`` from :func:`row_keys`. 53 random bits per value: ``(k + 0.5) / 2**53`` for an integer ``k``.
+    """
+    h = _fold(keys, position)                  # (N, 2): 32 bits in each lane
+    bits = h[..., 0] << 21 | h[..., 1] >> 11   # 53 bits
+    return (bits.to(torch.float64) + 0.5) / float(1 << 53)
+
+
+def inverse_cdf_sample(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` token ids drawn from ``softmax(scores)`` (``(N, V)``, -inf = excluded) with uniforms ``u`` ``(N,)``.
+
+    The token whose CDF interval contains ``u``; tokens of probability 0 have empty intervals and are never drawn.
+    """
+    probs = torch.softmax(scores.float(), dim=-1)
+    cdf = probs.cumsum(-1, dtype=torch.float64)                            # (N, V)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)                 # (N, 1), scaled: cdf[-1] may be 1 - eps
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)          # first v with cdf[v] > target
+    return idx.clamp_(max=scores.shape[-1] - 1)
+
+
+class CounterSampler(LogitsProcessor):
+    """Last logits processor of a greedy ``generate``: draws the token by :func:`inverse_cdf_sample` with
+    counter-based uniforms and returns scores whose argmax is that token (0 there, -inf elsewhere).
+
+    keys: ``(N, 2)`` from :func:`row_keys`; prompt_length: the width of the (padded) prompt, so that the position
+    counter is the index of the new token (0 for the first), whatever padding the batch needed.
+    """
+
+    def __init__(self, keys: torch.Tensor, prompt_length: int):
+        self.keys = keys
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        u = counter_uniform(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length)
+        token = inverse_cdf_sample(scores, u)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token.unsqueeze(1), 0.0)
