@@ -1,7 +1,7 @@
 """Metrics sinks: ``metrics.jsonl`` (what sweeps and reports read), TensorBoard and, optionally, W&B.
 
-Only the main process writes. On resume the JSONL file is cut back to the resumed step, so a resumed run's file
-reads as if the run had never stopped.
+Only the main process writes. On resume the JSONL files are cut back to the resumed step and TensorBoard is told
+to hide the events at and after it (``purge_step``), so a resumed run reads as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def truncate_metrics(path: str, last_step: int) -> None:
 
 class MetricsLogger:
     def __init__(self, run_dir: str, *, enabled: bool, tensorboard: bool, wandb: bool, wandb_project: str,
-                 config: dict | None = None):
+                 config: dict | None = None, purge_step: int | None = None):
+        """purge_step: the first step a resumed run logs again; TensorBoard drops the killed run's events from it
+        on (the event files stay, so nothing is lost from disk)."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.samples_path = os.path.join(run_dir, "samples.jsonl")
@@ -56,7 +58,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
         if wandb:
             try:
                 import wandb as wb

@@ -157,7 +157,8 @@ class PolicyTrainer:
         self.logger = MetricsLogger(self.run_dir, enabled=self.acc.is_main_process,
                                     tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                                     wandb_project=cfg.logging.wandb_project,
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+                                    config=OmegaConf.to_container(cfg, resolve=True),
+                                    purge_step=self.start_step if t.resume is not None else None)
         # Also with resume=auto and no checkpoint yet: lines a killed run logged past its checkpoint are dropped.
         if self.acc.is_main_process and t.resume is not None:
             truncate_metrics(self.logger.path, self.start_step - 1)

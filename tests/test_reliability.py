@@ -561,3 +561,24 @@ def test_resuming_an_older_checkpoint_sets_newer_ones_aside(policy_cfg, tmp_path
     assert (ckpts / "abandoned" / "step_4" / "COMPLETE").exists() and not (ckpts / "step_4").exists()
     trainer.train()
     assert latest_checkpoint(str(ckpts)).endswith("step_3")
+
+
+def test_resume_hides_the_abandoned_tensorboard_events(policy_cfg, tmp_path):
+    """A run logs steps 0-3, then resumes from its step_2 checkpoint and logs steps 2-3 again. TensorBoard must show
+    each step once: the writer's purge_step tells it to drop the old run's events from step 2 on. Without it,
+    steps 2 and 3 would each have two points (four in all would be six)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf.trainer import PolicyTrainer
+
+    common = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=5", "logging.tensorboard=true"]
+    PolicyTrainer(policy_cfg(*common)).train()
+    ckpt = tmp_path / "run" / "checkpoints" / "step_2"
+    with pytest.warns(UserWarning, match="newer checkpoint moved"):
+        resumed = PolicyTrainer(policy_cfg(*common, f"trainer.resume={ckpt}")).train()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    kl = events.Scalars("kl")
+    assert [e.step for e in kl] == [0, 1, 2, 3]
+    # The points of steps 2-3 are the resumed run's (float32 in the event file).
+    assert [e.value for e in kl[2:]] == pytest.approx([m["kl"] for m in resumed], rel=1e-6, abs=1e-7)
