@@ -40,6 +40,11 @@ Batch = dict[str, torch.Tensor]
 BatchLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 Evaluate = Callable[[nn.Module], dict[str, float]]
 
+UNITS = "units"
+"""Stat key of a batch loss that is a mean over a number of units (tokens) that differs between processes: a ``()``
+tensor holding this process's count. ``fit`` then weighs each process's loss by its share of the global count, so
+that the gradient DDP averages, and the logged means, are those of the mean over all processes' units."""
+
 FINAL_DIR = "final"
 """Sub-folder of the run folder that holds the trained model and its tokenizer."""
 
@@ -110,9 +115,14 @@ def lm_batch_loss(model: nn.Module, batch: Batch, reduction: str = "mean") -> to
 
 
 def sft_batch_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``lm_batch_loss`` (mean over target tokens, ``()``) and the batch's perplexity ``exp(loss)``."""
+    """``lm_batch_loss`` (mean over target tokens, ``()``) and, under ``UNITS``, the number of target tokens."""
     loss = lm_batch_loss(model, batch)
-    return loss, {"perplexity": perplexity(loss.detach())}
+    return loss, {UNITS: batch["loss_mask"][:, 1:].sum().float()}
+
+
+def sft_train_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """``train/perplexity``: exp of the (global, token-weighted) ``train/loss``."""
+    return {"train/perplexity": perplexity(metrics["train/loss"])}
 
 
 @torch.no_grad()
@@ -178,9 +188,26 @@ def optimizer_step(acc: Accelerator, module: nn.Module, optimizer, scheduler, ma
     return norm
 
 
-def _mean_over_processes(acc: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+def process_weight(acc: Accelerator, units: torch.Tensor | None) -> torch.Tensor | None:
+    """``()`` weight ``world_size * units / sum of units over processes`` (a collective), or None without units.
+
+    A per-process mean times this weight, averaged over processes (what DDP does to gradients), is the mean over
+    all units: ``(1/W) sum_r W u_r / U * mean_r = sum_r sum_r_units / U``.
+    """
+    if units is None:
+        return None
+    units = units.detach().float().reshape(()).to(acc.device)
+    total = acc.reduce(units.clone(), reduction="sum") if acc.num_processes > 1 else units
+    return acc.num_processes * units / total.clamp(min=1.0)
+
+
+def _mean_over_processes(acc: Accelerator, values: dict[str, torch.Tensor],
+                         weight: torch.Tensor | None = None) -> dict[str, float]:
+    """Mean of each ``()`` value over processes, each process's value times ``weight`` (see process_weight)."""
     names = list(values)
     stacked = torch.stack([values[k].detach().float().reshape(()).to(acc.device) for k in names])
+    if weight is not None:
+        stacked = stacked * weight
     if acc.num_processes > 1:
         stacked = acc.reduce(stacked, reduction="mean")
     return dict(zip(names, stacked.tolist()))
@@ -208,21 +235,24 @@ def save_final(model, tokenizer, folder: str) -> str:
 
 # ---------------------------------------------------------------------- the loop
 def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batch_loss: BatchLoss,
-        evaluate: Evaluate, save: Callable[[nn.Module], None]) -> list[dict]:
+        evaluate: Evaluate, save: Callable[[nn.Module], None],
+        derive: Callable[[dict[str, float]], dict[str, float]] | None = None) -> list[dict]:
     """The supervised loop of SFT and reward training; returns the metric lines, one per logged step.
 
     Uses ``cfg.seed``, ``cfg.run_dir``, ``cfg.trainer`` and ``cfg.logging``. Each step:
 
         1. batch     ``batch_indices`` of ``train`` (``(rows, ...)`` tensors), this process's shard
-        2. loss      ``batch_loss(module, batch) -> (loss, stats)``
+        2. loss      ``batch_loss(module, batch) -> (loss, stats)``; a loss that averages over per-process
+                     ``UNITS`` is reweighted so the step is that of the global mean
         3. update    backward, clip, AdamW, schedule
         4. evaluate  ``evaluate(module) -> metrics`` before the first update, every ``trainer.eval_every``
                      updates and after the last one
         5. log       ``metrics.jsonl`` (and TensorBoard, W&B) on the main process
 
     Every metric of line ``step`` describes the model after ``step`` updates; the last line
-    (``step == trainer.max_steps``) holds only the final evaluation. Then ``save(unwrapped module)`` runs on
-    the main process.
+    (``step == trainer.max_steps``) holds only the final evaluation. ``derive(train metrics)`` adds metrics computed
+    from the global ones (SFT: perplexity from the loss). Then ``save(unwrapped module)`` runs on the main process,
+    after every process has checked that the weights are finite (so a refusal stops every process, not only rank 0).
     """
     t = cfg.trainer
     optimizer, scheduler = build_optimizer(
@@ -248,6 +278,8 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
             if step < t.max_steps:
                 metrics.update(_train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg,
                                            step))
+                if derive is not None:
+                    metrics.update(derive(metrics))
                 if bar is not None:
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}")
                     bar.update(1)
@@ -258,11 +290,23 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
         if bar is not None:
             bar.close()
         logger.close()
-    acc.wait_for_everyone()
+    _check_finite_everywhere(acc, module, cfg.run_dir)
     if acc.is_main_process:
         save(acc.unwrap_model(module))
     acc.wait_for_everyone()
     return history
+
+
+def _check_finite_everywhere(acc: Accelerator, module: nn.Module, run_dir: str) -> None:
+    """Raise TrainingError on every process when any process holds a non-finite weight (a collective)."""
+    from rlhf.trainer import TrainingError
+
+    bad = torch.tensor(float(not all(torch.isfinite(p).all() for p in module.parameters())), device=acc.device)
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, reduction="sum")
+    if bad.item() > 0:
+        raise TrainingError(f"trained weights are not finite; {os.path.join(run_dir, FINAL_DIR)} not "
+                            "written (lower trainer.lr)")
 
 
 def _train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg, step) -> dict[str, float]:
@@ -270,10 +314,11 @@ def _train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg,
     t0 = time.perf_counter()
     idx = shard(batch_indices(rows, t.batch_size, step, cfg.seed), acc.process_index, acc.num_processes)
     loss, stats = batch_loss(module, take(train, idx, acc.device))
-    acc.backward(loss)
+    weight = process_weight(acc, stats.pop(UNITS, None))
+    acc.backward(loss * weight if weight is not None else loss)
     lr = scheduler.get_last_lr()[0]
     grad_norm = optimizer_step(acc, module, optimizer, scheduler, t.max_grad_norm, step)
-    out = {f"train/{k}": v for k, v in _mean_over_processes(acc, {"loss": loss, **stats}).items()}
+    out = {f"train/{k}": v for k, v in _mean_over_processes(acc, {"loss": loss, **stats}, weight).items()}
     out.update({"train/lr": lr, "train/grad_norm": grad_norm, "time/step_s": time.perf_counter() - t0})
     return out
 
@@ -321,7 +366,7 @@ def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[d
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, acc, model, train, sft_batch_loss, evaluate,                     # 3. train
-                  lambda m: save_final(m, tokenizer, folder))
+                  lambda m: save_final(m, tokenizer, folder), derive=sft_train_metrics)
     if acc.is_main_process:
         log.info(sft_summary(history, folder))
     return history

@@ -297,3 +297,51 @@ def test_a_hung_rank_fails_the_job_after_the_process_group_timeout(tmp_path):
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 150, elapsed
+
+
+# ---------------------------------------------------------------------------------------------- SFT and reward stages
+STAGE_FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trainer.warmup_steps=2",
+              "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=1", "logging.progress=false",
+              "logging.tensorboard=false", "trainer.torch_threads=1"]
+
+
+def _stage_one_process(stage: str, run_dir: Path) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from rlhf import config as C
+    from tests.conftest import CONFIGS
+
+    threads = torch.get_num_threads()
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = compose(config_name=stage, overrides=[*STAGE_FAST, f"run_dir={run_dir}"])
+    try:
+        if stage == "sft":
+            from rlhf.sft import train_sft
+            return train_sft(C.validate_sft_config(cfg))
+        from rlhf.reward_trainer import train_reward
+        return train_reward(C.validate_reward_config(cfg))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_sft_and_reward_two_processes_follow_one_process(stage, tmp_path):
+    """The batch (16 rows) is global: 2 processes take 8 rows each. The SFT loss is a mean over target tokens, and
+    the ranks' rows hold different numbers of tokens, so each rank's loss is weighted by its share of the global
+    token count (rlhf.sft.process_weight): the logged train/loss, the gradient and the weights then match 1
+    process. An unweighted mean of the two ranks' means would differ from step 0's train/loss on. Reward rows are
+    pairs, equal per rank, so their per-row means average exactly."""
+    from transformers import AutoModel
+
+    one = _stage_one_process(stage, tmp_path / "one")
+    proc = _launch([f"scripts/train_{stage}.py", "trainer.cpu=true", *STAGE_FAST,
+                    f"hydra.run.dir={tmp_path / 'two'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in two] == list(range(7))
+    assert one[-1]["eval/loss"] < one[0]["eval/loss"]  # it trained: the comparison is not of two idle runs
+    _assert_same_trajectory(one, two)
+    weights = [AutoModel.from_pretrained(tmp_path / run / "final").state_dict() for run in ("one", "two")]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5)

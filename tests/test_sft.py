@@ -292,3 +292,30 @@ def test_script_reports_a_bad_config_in_one_line(tmp_path):
     result = run_script(["scripts/train_sft.py", "trainer.max_steps=-1", f"hydra.run.dir={tmp_path}"], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: trainer.max_steps: must be > 0"
+
+
+def test_non_finite_weights_are_refused_before_saving(tmp_path):
+    """fit checks the weights on every process (a collective) before rank 0 saves, so all processes stop together."""
+    from accelerate import Accelerator
+
+    from rlhf.sft import _check_finite_everywhere
+    from rlhf.trainer import TrainingError
+
+    model = torch.nn.Linear(2, 2)
+    acc = Accelerator(cpu=True)
+    _check_finite_everywhere(acc, model, str(tmp_path))  # finite: no error
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="final not written"):
+        _check_finite_everywhere(acc, model, str(tmp_path))
+
+
+def test_process_weight_is_one_on_a_single_process():
+    from accelerate import Accelerator
+
+    from rlhf.sft import process_weight
+
+    acc = Accelerator(cpu=True)
+    assert process_weight(acc, None) is None
+    # W * u / sum(u) with W = 1: 1 whatever the count (the 2-process case is tested in test_distributed.py).
+    assert process_weight(acc, torch.tensor(37.0)).item() == 1.0
