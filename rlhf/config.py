@@ -61,6 +61,14 @@ class RewardConfig:
 
 
 @dataclass
+class VLLMConfig:
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = False
+    cpu_kv_cache_gb: int = 1
+
+
+@dataclass
 class RolloutConfig:
     prompts_per_step: int = MISSING
     samples_per_prompt: int = MISSING
@@ -70,6 +78,8 @@ class RolloutConfig:
     top_k: int = 0
     top_p: float = 1.0
     sampler: str = "counter"
+    engine: str = "hf"
+    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig())
     logprob_chunk_size: int = 1024
 
 
@@ -187,6 +197,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     from rlhf.models import DTYPES, check_spec
     from rlhf.objectives import AGGREGATION_MODES, POLICY_LOSSES
     from rlhf.rollout import SAMPLERS
+    from rlhf.vllm_engine import ENGINES, VLLMUnavailable, require_vllm
 
     cfg = _typed(cfg, PolicyConfig)
     r, k, t, a = cfg.rollout, cfg.kl, cfg.trainer, cfg.algorithm
@@ -202,6 +213,15 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check_choice(r.sampler, "rollout.sampler", SAMPLERS)
+    _check_choice(r.engine, "rollout.engine", ENGINES)
+    if r.engine == "vllm":
+        _check_choice(r.vllm.dtype, "rollout.vllm.dtype", ["auto", *DTYPES])
+        _check(0 < r.vllm.gpu_memory_utilization < 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1)")
+        _check(r.vllm.cpu_kv_cache_gb >= 1, "rollout.vllm.cpu_kv_cache_gb", "must be >= 1")
+        try:
+            require_vllm()
+        except VLLMUnavailable as e:
+            raise ConfigError(str(e)) from None
     _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
 
     _check(k.beta >= 0, "kl.beta", f"must be >= 0, got {k.beta}")

@@ -142,6 +142,7 @@ class PolicyTrainer:
                                        num_training_steps=t.max_steps * t.ppo_epochs * t.minibatches)
         self.models.reference = self._place_frozen(self.models.reference)
         self.models.reward = self._place_frozen(self.models.reward)
+        self.engine = self._build_engine() if cfg.rollout.engine == "vllm" else None
 
         # With one epoch, one minibatch and no accumulation the update sees exactly the rollout's batch once, so the
         # rollout's policy forward doubles as the update's (see sample()). DeepSpeed engines step inside backward
@@ -278,6 +279,9 @@ class PolicyTrainer:
         if self.critic is not None:
             raise ConfigError("algorithm.critic: DeepSpeed prepares one model per Accelerator and PPO trains two "
                               "(policy and critic); use algorithm=rloo, grpo or reinforce_pp, or the DDP config")
+        if r.engine == "vllm" and self.acc.state.deepspeed_plugin.zero_stage == 3:
+            raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but ZeRO-3 shards "
+                              "it; use configs/accelerate/deepspeed_zero2.yaml or ddp.yaml with vllm")
         if t.grad_accum != 1:
             raise ConfigError(f"trainer.grad_accum: {t.grad_accum}, but under DeepSpeed every backward pass ends in "
                               "an optimizer step; set trainer.grad_accum=1 (or use the DDP config)")
@@ -292,6 +296,19 @@ class PolicyTrainer:
                               f"gradient_clipping={clip} inside its step; make the two equal")
         rollouts = r.prompts_per_step * r.samples_per_prompt // self.acc.num_processes
         ds["train_micro_batch_size_per_gpu"] = rollouts // (t.minibatches * t.grad_accum)
+
+    def _build_engine(self):
+        """The vLLM rollout engine, built from the policy as loaded (weights are synced before every rollout)."""
+        from rlhf.vllm_engine import VLLMEngine
+
+        r, t = self.cfg.rollout, self.cfg.trainer
+        dtype = r.vllm.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if t.mixed_precision == "bf16" else self.cfg.model.dtype
+        # Prompts longer than data.max_prompt_length were refused before any model loaded.
+        return VLLMEngine(self.acc.unwrap_model(self.policy), self.models.tokenizer, seed=self.cfg.seed, dtype=dtype,
+                          max_model_len=self.cfg.data.max_prompt_length + r.max_new_tokens, enforce_eager=r.vllm.enforce_eager,
+                          gpu_memory_utilization=r.vllm.gpu_memory_utilization, cpu_kv_cache_gb=r.vllm.cpu_kv_cache_gb)
 
     def _zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage, or None without DeepSpeed."""
@@ -435,10 +452,18 @@ class PolicyTrainer:
         query_ids = enc["input_ids"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         query_mask = enc["attention_mask"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         t0 = time.perf_counter()
-        response_ids, response_mask = generate(
-            self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
-            min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-            sampler=r.sampler, row_keys=self.sampling_keys(step, query_ids.shape[0]))
+        keys = self.sampling_keys(step, query_ids.shape[0])
+        if self.engine is not None:
+            self.engine.sync_weights(self.acc.unwrap_model(self.policy))
+            response_ids, response_mask = self.engine.generate(
+                query_ids, query_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
+                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                row_keys=keys if r.sampler == "counter" else None)
+        else:
+            response_ids, response_mask = generate(
+                self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
+                min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                sampler=r.sampler, row_keys=keys)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
         if self.fused:

@@ -5,6 +5,8 @@
 # tokens per second and peak GPU memory. Usage: bash scripts/device_check.sh [out_dir]
 # With deepspeed installed it also runs RLOO under DeepSpeed ZeRO-2 and ZeRO-3 on this one GPU (one process: a smoke
 # test of the engine step, ZeRO-3's sharded reference and gathered checkpoint weights, not of multi-GPU scaling).
+# With vllm installed it runs the same bf16 RLOO and the small PPO with rollout.engine=vllm next to the hf runs, and
+# the vLLM tests (weight sync, sampling distribution, seeds) on the GPU.
 set -euo pipefail
 out=${1:-${OUT:-/tmp/device_check}}
 mkdir -p "$out"
@@ -44,4 +46,11 @@ if python -c "import deepspeed" > /dev/null 2>&1; then
   done
 else
   echo '{"run": "deepspeed", "skipped": "deepspeed is not installed (pip install -e .[deepspeed])"}'
+fi
+if python -c "import vllm" > /dev/null 2>&1; then
+  run rloo_bf16_vllm algorithm=rloo rollout.engine=vllm
+  MODEL=builtin:small run small_ppo_bf16_vllm algorithm=ppo trainer.lr=1e-5 trainer.value_lr=1e-5 rollout.engine=vllm
+  python -m pytest -q -p no:cacheprovider tests/test_vllm_engine.py 2>&1 | tail -3
+else
+  echo '{"run": "vllm", "skipped": "vllm is not installed (pip install -e .[vllm])"}'
 fi

