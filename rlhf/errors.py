@@ -48,13 +48,6 @@ def exit_on_user_error(fn):
         except user_errors() as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
-        except ValueError as e:
-            # Validation inside the trainer raises ValueError("<key>: ..."): still one line, still the user's to fix.
-            msg = str(e)
-            if ":" in msg.split(" ", 1)[0]:
-                print(f"error: {msg}", file=sys.stderr, flush=True)
-                sys.exit(2)
-            raise
 
     return wrapper
 

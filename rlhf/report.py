@@ -33,6 +33,7 @@ import numpy as np
 import yaml
 
 from rlhf.checkpoint import list_checkpoints
+from rlhf.config import ConfigError
 from rlhf.registry import Registry
 
 DEFAULT_WINDOW = 10
@@ -88,7 +89,7 @@ def find_job_dirs(sweep_dir: str) -> list[str]:
     """Folders under ``sweep_dir`` (itself included, so a single run works too) that hold ``.hydra/config.yaml``,
     in Hydra's job order."""
     if not os.path.isdir(sweep_dir):
-        raise ValueError(f"sweep_dir: {sweep_dir!r} is not a folder")
+        raise ConfigError(f"sweep_dir: {sweep_dir!r} is not a folder")
     found = []
     for dirpath, dirnames, _ in os.walk(sweep_dir):
         if os.path.isfile(os.path.join(dirpath, ".hydra", "config.yaml")):
@@ -145,7 +146,7 @@ def collect_runs(sweep_dir: str) -> list[Run]:
     """Every job of the sweep, finished or not. Raises ValueError when there is none."""
     runs = [load_run(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
     if not runs:
-        raise ValueError(f"sweep_dir: no job folder (with .hydra/config.yaml) under {sweep_dir!r}")
+        raise ConfigError(f"sweep_dir: no job folder (with .hydra/config.yaml) under {sweep_dir!r}")
     return runs
 
 

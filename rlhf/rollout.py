@@ -19,9 +19,17 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from transformers import (GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from rlhf.config import ConfigError
 from rlhf.logprobs import entropy_from_logits, selective_log_softmax
 from rlhf.models import position_ids_from_mask, sequence_scores, token_scores
 from rlhf.sampling import CounterSampler
@@ -82,7 +90,7 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     generates it. Both sample from the same distribution.
     """
     if sampler not in SAMPLERS:
-        raise ValueError(f"rollout.sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ConfigError(f"rollout.sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, min_p=None, typical_p=1.0,
                   repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, use_cache=True)

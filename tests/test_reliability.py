@@ -385,7 +385,7 @@ def test_out_of_memory_says_what_to_change(tmp_path):
 @pytest.mark.parametrize("error, code, prefix", [
     ("interrupted", 128 + signal.SIGTERM, "interrupted: SIGTERM after step 3"),
     ("write", 2, "error: run_dir: disk full"),
-    ("value", 2, "error: data.max_prompt_length: too long"),
+    ("config", 2, "error: data.max_prompt_length: too long"),
 ])
 def test_script_wrapper_exit_codes(error, code, prefix, capsys):
     from rlhf.errors import exit_on_user_error
@@ -393,7 +393,7 @@ def test_script_wrapper_exit_codes(error, code, prefix, capsys):
 
     errors = {"interrupted": TrainingInterrupted("SIGTERM after step 3", signal.SIGTERM),
               "write": CheckpointWriteError("run_dir: disk full"),
-              "value": ValueError("data.max_prompt_length: too long")}
+              "config": ConfigError("data.max_prompt_length: too long")}
 
     @exit_on_user_error
     def main():
@@ -403,6 +403,19 @@ def test_script_wrapper_exit_codes(error, code, prefix, capsys):
         main()
     assert e.value.code == code
     assert capsys.readouterr().err == prefix + "\n"
+
+
+def test_script_wrapper_lets_bugs_through():
+    """Only the user-error types become one line; any other exception (a bug, whatever its message looks like)
+    keeps its traceback."""
+    from rlhf.errors import exit_on_user_error
+
+    @exit_on_user_error
+    def main():
+        raise ValueError("shape: (3,) vs (4,)")
+
+    with pytest.raises(ValueError, match="shape"):
+        main()
 
 
 def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path):
