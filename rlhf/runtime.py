@@ -1,9 +1,11 @@
-"""What every training stage sets up the same way: the Accelerator from a ``trainer`` config."""
+"""What every training stage does the same way: the Accelerator from a ``trainer`` config, and the optimizer step."""
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig
@@ -17,3 +19,23 @@ def make_accelerator(t: DictConfig) -> Accelerator:
     """
     return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
+
+
+def clip_and_step(acc: Accelerator, optimizer: torch.optim.Optimizer, scheduler,
+                  max_grad_norm: float | None) -> torch.Tensor | None:
+    """Clip the global gradient norm of the optimizer's parameters, then step the optimizer and the schedule.
+
+    Returns the ``()`` norm before clipping (float32, CPU), or None when it is not finite: then the gradients are
+    dropped and nothing (weights, AdamW moments, schedule) moves. The norm is that of the synchronised gradients,
+    the same on every process, so all processes take the same branch. Callers decide what a skipped step means
+    (the policy trainer counts it, SFT and reward training stop).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = torch.as_tensor(acc.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else math.inf))
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.detach().float().cpu()

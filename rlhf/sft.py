@@ -31,7 +31,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from rlhf.losses import lm_loss, perplexity
-from rlhf.runtime import make_accelerator
+from rlhf.runtime import clip_and_step, make_accelerator
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -171,21 +171,17 @@ def build_optimizer(params, *, lr: float, weight_decay: float, betas: tuple[floa
     return optimizer, schedule
 
 
-def optimizer_step(acc: Accelerator, module: nn.Module, optimizer, scheduler, max_grad_norm: float | None,
+def optimizer_step(acc: Accelerator, optimizer, scheduler, max_grad_norm: float | None,
                    step: int) -> float:
-    """Clip the global gradient norm, step the optimizer and the schedule; returns the norm before clipping."""
+    """rlhf.runtime.clip_and_step; a non-finite norm stops the run (on every process: the norm is the same
+    everywhere) with nothing moved. Returns the norm before clipping."""
     from rlhf.trainer import TrainingError
 
-    norm = acc.clip_grad_norm_(module.parameters(), max_grad_norm if max_grad_norm is not None else math.inf)
-    norm = float(norm)
-    # The norm of the synchronised gradients: every process sees the same value, so all of them stop together.
-    if not math.isfinite(norm):
+    norm = clip_and_step(acc, optimizer, scheduler, max_grad_norm)
+    if norm is None:
         raise TrainingError(f"trainer.lr: non-finite loss or gradient at step {step}; lower trainer.lr, set "
                             "trainer.max_grad_norm, or check the data")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
+    return float(norm)
 
 
 def process_weight(acc: Accelerator, units: torch.Tensor | None) -> torch.Tensor | None:
@@ -317,7 +313,7 @@ def _train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg,
     weight = process_weight(acc, stats.pop(UNITS, None))
     acc.backward(loss * weight if weight is not None else loss)
     lr = scheduler.get_last_lr()[0]
-    grad_norm = optimizer_step(acc, module, optimizer, scheduler, t.max_grad_norm, step)
+    grad_norm = optimizer_step(acc, optimizer, scheduler, t.max_grad_norm, step)
     out = {f"train/{k}": v for k, v in _mean_over_processes(acc, {"loss": loss, **stats}, weight).items()}
     out.update({"train/lr": lr, "train/grad_norm": grad_norm, "time/step_s": time.perf_counter() - t0})
     return out

@@ -64,7 +64,7 @@ from rlhf.rollout import (
     response_values,
     score_responses,
 )
-from rlhf.runtime import make_accelerator
+from rlhf.runtime import clip_and_step, make_accelerator
 from rlhf.sampling import row_keys
 from rlhf.tracking import MetricsLogger, truncate_metrics
 
@@ -627,19 +627,8 @@ class PolicyTrainer:
         return stack
 
     def _optimizer_step(self) -> torch.Tensor | None:
-        """Clip and step. Returns the gradient norm, or None when it is not finite: then the gradients are dropped
-        and nothing (weights, optimizer moments, schedule) moves."""
-        t = self.cfg.trainer
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        norm = self.acc.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm is not None else float("inf"))
-        norm = torch.as_tensor(norm)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach().float().cpu()
+        """rlhf.runtime.clip_and_step: the gradient norm, or None (nothing moved) when it is not finite."""
+        return clip_and_step(self.acc, self.optimizer, self.scheduler, self.cfg.trainer.max_grad_norm)
 
     def _count_nonfinite(self, step: int, what: str) -> None:
         """Warn that ``step`` skipped (part of) its update; stop once more than trainer.max_nonfinite_steps did."""

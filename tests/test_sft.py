@@ -208,7 +208,7 @@ def test_non_finite_gradient_stops_the_run_without_touching_the_weights():
     optimizer, scheduler = build_optimizer(layer.parameters(), lr=0.1, weight_decay=0.0, betas=(0.9, 0.999),
                                            scheduler="constant", warmup_steps=0, max_steps=10)
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 3"):
-        optimizer_step(Accelerator(), layer, optimizer, scheduler, max_grad_norm=1.0, step=3)
+        optimizer_step(Accelerator(), optimizer, scheduler, max_grad_norm=1.0, step=3)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
 
 
