@@ -417,6 +417,8 @@ class PolicyTrainer:
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
         metrics["time/generated_tokens_per_s"] = (metrics["response_length"] * cfg.rollout.prompts_per_step
                                                   * cfg.rollout.samples_per_prompt / max(t_generate, 1e-9))
+        if self.engine is not None:
+            metrics["time/weight_sync_s"] = self._t_sync  # part of time/generate_s
         metrics.update({"time/generate_s": t_generate, "time/score_s": t_score, "time/update_s": t_update,
                         "time/step_s": time.perf_counter() - t0})
         metrics["nonfinite_steps"] = self.nonfinite_steps
@@ -455,6 +457,7 @@ class PolicyTrainer:
         keys = self.sampling_keys(step, query_ids.shape[0])
         if self.engine is not None:
             self.engine.sync_weights(self.acc.unwrap_model(self.policy))
+            self._t_sync = time.perf_counter() - t0
             response_ids, response_mask = self.engine.generate(
                 query_ids, query_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,

