@@ -69,8 +69,10 @@ def pad_responses(token_lists: list[list[int]], pad_id: int, device: torch.devic
 class VLLMEngine:
     """A vLLM ``LLM`` holding a copy of the policy; ``sync_weights`` before each ``generate``.
 
-    policy, tokenizer: the (unwrapped) policy and its tokenizer, written once to a temporary folder for vLLM to
-    build the model from. dtype: vLLM's weights/activations ("float32", "bfloat16", ...). max_model_len: prompt +
+    policy, tokenizer: the (unwrapped) policy and its tokenizer. Only the policy's config and the tokenizer are
+    written (to a temporary folder, by every process: ``save_pretrained`` of a model would write on rank 0 only);
+    vLLM builds the model with placeholder weights (``load_format="dummy"``) and the first ``sync_weights`` fills
+    them. dtype: vLLM's weights/activations ("float32", "bfloat16", ...). max_model_len: prompt +
     response tokens. gpu_memory_utilization: the share of the GPU vLLM may take (weights + KV cache) next to
     the trainer; ignored on a CPU, where the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB, set to
     ``cpu_kv_cache_gb`` when unset).
@@ -85,16 +87,23 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gb))
         from vllm import LLM
 
+        # Under torchrun/accelerate with several processes, vLLM's "external_launcher" executor takes this process's
+        # RANK / LOCAL_RANK, so each rank's engine sits on its own device (the plain one would put every engine on
+        # device 0); with tensor_parallel_size 1 the engines stay independent, each with its own prompts.
+        multi = torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1
+        backend = {"distributed_executor_backend": "external_launcher"} if multi else {}
         self.tokenizer = tokenizer
         folder = tempfile.mkdtemp(prefix="rlhf_vllm_")
         try:
-            policy.save_pretrained(folder)
+            policy.config.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
             # generation_config="vllm": the model folder's generation_config.json (top_k=50, penalties, ...) must
             # not change the sampling parameters given to each request.
             self.llm = LLM(model=folder, tokenizer=folder, dtype=dtype, seed=seed, max_model_len=max_model_len,
                            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                           generation_config="vllm")
+                           generation_config="vllm", load_format="dummy", tensor_parallel_size=1, **backend)
+            self.sync_weights(policy)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

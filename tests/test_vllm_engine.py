@@ -175,3 +175,27 @@ def test_trainer_with_the_vllm_engine(tmp_path):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[2]["kl"] > 0
     assert all(0 < r["time/weight_sync_s"] < r["time/generate_s"] for r in rows)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_two_processes_with_vllm_follow_one_process(tmp_path):
+    """Each DDP rank builds its own engine in its own process. With per-row seeds the two ranks draw the rows one
+    process draws, so (equal-length responses, as in tests/test_distributed.py) the 2-process run follows the
+    1-process trajectory."""
+    from tests.conftest import FAST, run_script
+    from tests.test_distributed import ENV, LAUNCH, TOL
+
+    common = [*FAST, "rollout.engine=vllm", "rollout.vllm.enforce_eager=true", "model.policy=builtin:w1",
+              "algorithm=rloo", "trainer.max_steps=3", "rollout.min_new_tokens=6", "trainer.torch_threads=1",
+              "trainer.cpu=true"]
+    runs = {}
+    for name, prefix in (("one", []), ("two", LAUNCH)):
+        proc = run_script([*prefix, "scripts/train_policy.py", *common, f"hydra.run.dir={tmp_path / name}"],
+                          timeout=300, env=ENV)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert runs["one"][-1]["kl"] > 0
+    for a, b in zip(runs["one"], runs["two"], strict=True):
+        for key in ("score", "kl", "policy/loss", "response_length"):
+            assert b[key] == pytest.approx(a[key], **TOL), (a["step"], key)
