@@ -543,7 +543,9 @@ class PolicyTrainer:
     def update(self, ro: Rollout, advantages: torch.Tensor, returns: torch.Tensor, beta: float, step: int) -> dict:
         """PPO-style update: ``ppo_epochs`` passes, ``minibatches`` optimizer steps each, ``grad_accum``
         micro-batches per step. Each micro-batch loss is scaled so the summed gradient equals the gradient of the
-        loss aggregated over the whole minibatch on all processes."""
+        loss aggregated over the whole minibatch on all processes. The logged statistics (loss, clip fraction, ...)
+        are weighted the same way, so after step_metrics' mean over processes each is the minibatch-wide value,
+        averaged over the optimizer steps: the same numbers one process would log for the whole batch."""
         t, cfg = self.cfg.trainer, self.cfg
         n = ro.response_ids.shape[0]
         mb_size = n // t.minibatches
@@ -551,7 +553,6 @@ class PolicyTrainer:
         # Seeded by the step (resume stays exact) and offset from the sampling seed of the same step.
         g = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, self.acc.process_index))
         sums: dict[str, torch.Tensor] = {}
-        count = 0
         norms, skipped = [], 0
         kl_as_loss = not cfg.kl.in_reward and beta > 0 and ro.ref_logprobs is not None
         for _ in range(t.ppo_epochs):
@@ -564,17 +565,19 @@ class PolicyTrainer:
                     idx = mb_idx[j * micro:(j + 1) * micro]
                     last = j == t.grad_accum - 1
                     with self._maybe_no_sync(not last):
-                        loss, stats = self._micro_loss(ro, advantages, returns, idx, beta, kl_as_loss, denom)
+                        loss, stats, share = self._micro_loss(ro, advantages, returns, idx, beta, kl_as_loss,
+                                                              denom)
                         self.acc.backward(loss)
                     for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach()
-                    count += 1
+                        sums[k] = sums.get(k, 0.0) + v.detach() * share
                 norm = self._optimizer_step()
                 if norm is None:
                     skipped += 1
                 else:
                     norms.append(norm)
-        out = {k: v / count for k, v in sums.items()}
+        # This process's share of each minibatch-wide value, times num_processes: step_metrics averages over
+        # processes, which then sums the shares.
+        out = {k: v * (self.acc.num_processes / (t.ppo_epochs * t.minibatches)) for k, v in sums.items()}
         out["policy/grad_norm"] = torch.stack(norms).mean() if norms else torch.tensor(float("nan"))
         out["policy/skipped_updates"] = torch.tensor(float(skipped))
         return out
@@ -602,7 +605,8 @@ class PolicyTrainer:
         local = mask.sum() if t.loss_agg == "token-mean" else torch.tensor(float(mask.shape[0]))
         # aggregate() divides by the local count; rescale to the global one. DDP averages gradients over
         # processes, hence the factor num_processes.
-        scale = local.to(denom) / denom * self.acc.num_processes
+        share = local.to(denom) / denom
+        scale = share * self.acc.num_processes
         loss = pg_loss
         stats = {"policy/loss": pg_loss.detach(), "policy/clipfrac": pstats["clipfrac"],
                  "policy/approxkl": pstats["approxkl"]}
@@ -618,7 +622,7 @@ class PolicyTrainer:
             loss = loss + t.value_coef * v_loss
             stats["value/loss"] = v_loss.detach()
             stats["value/clipfrac"] = vstats["clipfrac"]
-        return loss * scale, stats
+        return loss * scale, stats, share.detach()
 
     def _maybe_no_sync(self, skip_sync: bool):
         if not skip_sync or self.acc.num_processes == 1:
