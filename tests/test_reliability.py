@@ -251,8 +251,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypa
         micro_loss = trainer._micro_loss
 
         def poisoned(*args):
-            loss, stats = micro_loss(*args)
-            return (loss * math.nan if current[0] in bad_steps else loss), stats
+            loss, stats, share = micro_loss(*args)
+            return (loss * math.nan if current[0] in bad_steps else loss), stats, share
 
         trainer._micro_loss = poisoned
     else:
