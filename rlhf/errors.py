@@ -36,12 +36,17 @@ def _interrupted() -> tuple[type[BaseException], ...]:
 
 
 def exit_on_user_error(fn):
-    """Decorator for script entry points: a user error becomes ``error: <message>`` on stderr and exit code 2."""
+    """Decorator for script entry points: a user error becomes ``error: <message>`` on stderr and exit code 2.
+    A finished run destroys its process group (rlhf.runtime.shutdown_distributed) before returning."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from rlhf.runtime import shutdown_distributed
+
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            shutdown_distributed()  # only after success: a failing rank exits and the launcher ends the rest
+            return result
         except _interrupted() as e:
             print(f"interrupted: {e}", file=sys.stderr, flush=True)
             sys.exit(128 + e.signum)

@@ -39,3 +39,14 @@ def clip_and_step(acc: Accelerator, optimizer: torch.optim.Optimizer, scheduler,
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return norm.detach().float().cpu()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group, if any, before the interpreter exits.
+
+    Left to interpreter teardown, the gloo process group's threads are sometimes destroyed while still joinable and
+    the process aborts ("terminate called without an active exception", SIGABRT) after all its work is done, which
+    the launcher reports as a failed job.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
