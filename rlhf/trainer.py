@@ -384,6 +384,8 @@ class PolicyTrainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
+            if self.engine is not None:
+                self.engine.close()
             self._restore_signal_handlers(old_handlers)
         return history
 

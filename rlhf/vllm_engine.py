@@ -107,6 +107,13 @@ class VLLMEngine:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
+    def close(self) -> None:
+        """Shut the engine down now (its process groups, caches), not at interpreter exit, where its finaliser
+        would try to destroy process groups that the script's own shutdown has already destroyed."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     @torch.no_grad()
     def sync_weights(self, policy: PreTrainedModel) -> None:
         """Copy the policy's current weights into vLLM (names as in ``state_dict``, which vLLM maps itself)."""
