@@ -113,7 +113,7 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
             processors.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        processors.append(CounterSampler(row_keys, query_ids.shape[1]))
+        processors.append(CounterSampler(row_keys.to(query_ids.device), query_ids.shape[1]))
     was_training = policy.training
     policy.eval()
     with torch.inference_mode():

@@ -98,7 +98,7 @@ class CounterSampler(LogitsProcessor):
         self.prompt_length = prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        u = counter_uniform(self.keys.to(scores.device), input_ids.shape[1] - self.prompt_length)
+        u = counter_uniform(self.keys, input_ids.shape[1] - self.prompt_length)  # keys live on the scores' device
         token = inverse_cdf_sample(scores, u)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token.unsqueeze(1), 0.0)
