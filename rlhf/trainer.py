@@ -296,6 +296,9 @@ class PolicyTrainer:
                               f"gradient_clipping={clip} inside its step; make the two equal")
         rollouts = r.prompts_per_step * r.samples_per_prompt // self.acc.num_processes
         ds["train_micro_batch_size_per_gpu"] = rollouts // (t.minibatches * t.grad_accum)
+        # DeepSpeed checks train batch == micro x accumulation (1) x processes; set it with the micro-batch rather
+        # than leave it to accelerate's "auto" fill, so the two can never disagree.
+        ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * self.acc.num_processes
 
     def _build_engine(self):
         """The vLLM rollout engine, built from the policy as loaded (weights are synced before every rollout)."""

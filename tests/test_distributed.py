@@ -172,8 +172,10 @@ def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsd
     _check_backend(ds, ds_config={"gradient_accumulation_steps": 1}, zero_stage=2, engine="vllm")
     config = {"gradient_accumulation_steps": 1, "gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": "auto"}
     _check_backend(ds, "trainer.max_grad_norm=1.0", ds_config=config)
-    # 4 prompts x 2 samples over 2 processes = 4 rollouts each, in trainer.minibatches=1 backward passes of 4.
+    # 4 prompts x 2 samples over 2 processes = 4 rollouts each, in trainer.minibatches=1 backward passes of 4;
+    # DeepSpeed's train batch = micro 4 x accumulation 1 x 2 processes.
     assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["train_batch_size"] == 8
 
 
 def test_checkpoint_without_optimizer_state_resumes_with_a_warning(tmp_path):
