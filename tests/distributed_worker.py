@@ -100,4 +100,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from rlhf.runtime import shutdown_distributed
+
     main(sys.argv[1], sys.argv[2:])
+    shutdown_distributed()  # as the scripts do: gloo's teardown at exit can abort the process otherwise
