@@ -11,15 +11,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def compose_policy(overrides=(), run_dir=None):
-    """Compose configs/policy.yaml as the script would, with run_dir pointing at a test folder."""
+def compose_config(name, overrides=(), run_dir=None):
+    """Compose configs/<name>.yaml as the script would, with run_dir pointing at a test folder."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
         ovr = list(overrides)
         if run_dir is not None:
             ovr.append(f"run_dir={run_dir}")
-        return compose(config_name="policy", overrides=ovr)
+        return compose(config_name=name, overrides=ovr)
+
+
+def compose_policy(overrides=(), run_dir=None):
+    return compose_config("policy", overrides, run_dir)
 
 
 # Small and quick: 4 prompts x 2 samples, short responses, no progress bar or TensorBoard.

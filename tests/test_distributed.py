@@ -313,14 +313,11 @@ STAGE_FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16",
 
 
 def _stage_one_process(stage: str, run_dir: Path) -> list[dict]:
-    from hydra import compose, initialize_config_dir
-
     from rlhf import config as C
-    from tests.conftest import CONFIGS
+    from tests.conftest import compose_config
 
     threads = torch.get_num_threads()
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        cfg = compose(config_name=stage, overrides=[*STAGE_FAST, f"run_dir={run_dir}"])
+    cfg = compose_config(stage, STAGE_FAST, run_dir)
     try:
         if stage == "sft":
             from rlhf.sft import train_sft

@@ -23,17 +23,14 @@ from rlhf.reward_trainer import (
     train_reward,
     unstride,
 )
-from tests.conftest import CONFIGS, run_script
+from tests.conftest import compose_config, run_script
 
 FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trainer.warmup_steps=2",
         "logging.progress=false", "logging.tensorboard=false"]
 
 
 def compose_reward(overrides=(), run_dir="/tmp/unused"):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="reward", overrides=[*overrides, f"run_dir={run_dir}"])
+    return compose_config("reward", overrides, run_dir)
 
 
 def reward_cfg(tmp_path, *overrides):

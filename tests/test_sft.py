@@ -20,7 +20,7 @@ from rlhf.sft import (
     strided_rows,
     train_sft,
 )
-from tests.conftest import CONFIGS, run_script
+from tests.conftest import compose_config, run_script
 
 # Small and quick: 256 train rows, 64 held-out rows, no progress bar or TensorBoard.
 FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trainer.warmup_steps=2",
@@ -28,10 +28,7 @@ FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trai
 
 
 def compose_sft(overrides=(), run_dir="/tmp/unused"):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-        return compose(config_name="sft", overrides=[*overrides, f"run_dir={run_dir}"])
+    return compose_config("sft", overrides, run_dir)
 
 
 def sft_cfg(tmp_path, *overrides):
