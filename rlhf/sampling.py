@@ -63,12 +63,18 @@ def row_keys(seed: int, step: int, rows: torch.Tensor) -> torch.Tensor:
     return _fold(_fold(_fold(h, seed), step), rows.to(torch.int64))
 
 
-def counter_uniform(keys: torch.Tensor, position: int) -> torch.Tensor:
-    """``(N,)`` float64 uniforms in the open interval (0, 1) for decoding ``position`` (0 = first new token).
+def counter_uniform(keys: torch.Tensor, position: int | torch.Tensor) -> torch.Tensor:
+    """Float64 uniforms in the open interval (0, 1) for decoding ``position`` (0 = first new token).
 
-    keys: ``(N, 2)`` from :func:`row_keys`. 53 random bits per value: ``(k + 0.5) / 2**53`` for an integer ``k``.
+    keys: ``(N, 2)`` from :func:`row_keys`. position: an int, giving ``(N,)``, or a ``(T,)`` int64 tensor of
+    positions, giving the ``(N, T)`` table (column j = the int call at ``position[j]``, bit for bit). 53 random bits
+    per value: ``(k + 0.5) / 2**53`` for an integer ``k``.
     """
-    h = _fold(keys, position)                  # (N, 2): 32 bits in each lane
+    if isinstance(position, torch.Tensor):
+        n, t = keys.shape[0], position.shape[0]
+        keys = keys.unsqueeze(1).expand(n, t, 2)
+        position = position.to(keys.device, torch.int64).expand(n, t)
+    h = _fold(keys, position)                  # (..., 2): 32 bits in each lane
     bits = h[..., 0] << 21 | h[..., 1] >> 11   # 53 bits
     return (bits.to(torch.float64) + 0.5) / float(1 << 53)
 
@@ -90,15 +96,24 @@ class CounterSampler(LogitsProcessor):
     counter-based uniforms and returns scores whose argmax is that token (0 there, -inf elsewhere).
 
     keys: ``(N, 2)`` from :func:`row_keys`; prompt_length: the width of the (padded) prompt, so that the position
-    counter is the index of the new token (0 for the first), whatever padding the batch needed.
+    counter is the index of the new token (0 for the first), whatever padding the batch needed. max_new_tokens: when
+    given, the uniforms of every position are hashed once, up front, as one ``(N, max_new_tokens)`` table: on a GPU
+    decoding is bound by kernel launches, and hashing per token costs about fifty small kernels each time.
     """
 
-    def __init__(self, keys: torch.Tensor, prompt_length: int):
+    def __init__(self, keys: torch.Tensor, prompt_length: int, max_new_tokens: int | None = None):
         self.keys = keys
         self.prompt_length = prompt_length
+        self.table = None
+        if max_new_tokens:
+            self.table = counter_uniform(keys, torch.arange(max_new_tokens, device=keys.device))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        u = counter_uniform(self.keys, input_ids.shape[1] - self.prompt_length)  # keys live on the scores' device
+        position = input_ids.shape[1] - self.prompt_length
+        if self.table is not None and position < self.table.shape[1]:
+            u = self.table[:, position]
+        else:
+            u = counter_uniform(self.keys, position)  # keys live on the scores' device
         token = inverse_cdf_sample(scores, u)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token.unsqueeze(1), 0.0)

@@ -4,7 +4,7 @@ how the batch is split, which is what makes 2 processes sample what 1 process sa
 import pytest
 import torch
 
-from rlhf.sampling import counter_uniform, inverse_cdf_sample, mix32, row_keys
+from rlhf.sampling import CounterSampler, counter_uniform, inverse_cdf_sample, mix32, row_keys
 
 
 def _mueller_by_hand(x: int) -> int:
@@ -37,6 +37,21 @@ def test_uniforms_are_uniform_and_distinct():
     a, b = counter_uniform(keys, 0), counter_uniform(keys, 1)
     assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.03
     assert abs(torch.corrcoef(torch.stack([a[:-1], a[1:]]))[0, 1].item()) < 0.03
+
+
+def test_uniform_table_is_the_per_position_values_bit_for_bit():
+    """The sampler hashes all positions up front as one (N, T) table; column t must be position t's uniforms."""
+    keys = row_keys(5, 2, torch.arange(7))
+    table = counter_uniform(keys, torch.arange(6))
+    assert table.shape == (7, 6)
+    for t in range(6):
+        assert torch.equal(table[:, t], counter_uniform(keys, t))
+    # The processor draws the same tokens with the table as without it, also past the table's end.
+    scores = torch.randn(7, 11, generator=torch.Generator().manual_seed(0))
+    with_table, without = CounterSampler(keys, 3, max_new_tokens=6), CounterSampler(keys, 3)
+    for length in (3, 5, 8, 9, 12):  # positions 0, 2, 5, 6 (past the table), 9
+        ids = torch.zeros(7, length, dtype=torch.long)
+        assert torch.equal(with_table(ids, scores.clone()), without(ids, scores.clone()))
 
 
 def test_keys_depend_on_seed_step_and_row_only():
