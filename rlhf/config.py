@@ -81,6 +81,7 @@ class RolloutConfig:
     engine: str = "hf"
     vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig())
     logprob_chunk_size: int = 1024
+    gather_for_generation: bool = True
 
 
 @dataclass

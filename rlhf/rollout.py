@@ -78,7 +78,8 @@ def has_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_token_i
 def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
              tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, min_new_tokens: int = 0,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, sampler: str = "torch",
-             row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             row_keys: torch.Tensor | None = None,
+             synced_gpus: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one response per row with a KV cache.
 
     query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= max_new_tokens, padded
@@ -88,6 +89,12 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     rows before it). "counter": every row draws from its own counter-based stream, ``row_keys (N, 2)`` from
     :func:`rlhf.sampling.row_keys`, so a row's sample does not depend on the batch it is in or the process that
     generates it. Both sample from the same distribution.
+
+    synced_gpus: every process keeps running forward passes until all processes' rows are done, as a policy whose
+    forward is a collective (FSDP2, ZeRO-3) needs. transformers turns it on by itself under ZeRO-3 but not for
+    accelerate's FSDP2 models, so the caller says so (None: transformers decides). When True, decoding runs under
+    ``no_grad`` rather than ``inference_mode``: weights FSDP2 gathers inside ``inference_mode`` become inference
+    tensors, and the update's next forward fails on them.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"rollout.sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -113,12 +120,12 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
             processors.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-        processors.append(CounterSampler(row_keys.to(query_ids.device), query_ids.shape[1]))
+        processors.append(CounterSampler(row_keys.to(query_ids.device), query_ids.shape[1], max_new_tokens))
     was_training = policy.training
     policy.eval()
-    with torch.inference_mode():
+    with torch.no_grad() if synced_gpus else torch.inference_mode():
         out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen_cfg,
-                              logits_processor=processors)
+                              logits_processor=processors, synced_gpus=synced_gpus)
     policy.train(was_training)
     # inference_mode skips autograd bookkeeping while decoding; the clone (made outside it) is an ordinary tensor
     # that the update's forward may save for backward.

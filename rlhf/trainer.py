@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import math
 import os
 import signal
@@ -64,9 +65,16 @@ from rlhf.rollout import (
     response_values,
     score_responses,
 )
-from rlhf.runtime import clip_and_step, make_accelerator
+from rlhf.runtime import (
+    clip_and_step,
+    gathered_for_generation,
+    make_accelerator,
+    zero3_gathered_for_generation,
+)
 from rlhf.sampling import row_keys
 from rlhf.tracking import MetricsLogger, truncate_metrics
+
+log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -99,6 +107,11 @@ def is_out_of_memory(err: BaseException) -> bool:
         return True
     text = str(err).lower()
     return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter: its shard under FSDP2 (a DTensor), else the tensor itself."""
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -271,9 +284,17 @@ class PolicyTrainer:
         DDP (one or many machines) needs nothing here. See docs/distributed.md."""
         dist_type, t, r = self.acc.distributed_type, self.cfg.trainer, self.cfg.rollout
         if dist_type == DistributedType.FSDP:
-            raise ConfigError("accelerate config: FSDP is not supported yet (decoding on a sharded policy needs "
-                              "every rank to step in lockstep, and AdamW's sharded state needs gathering to be "
-                              "saved); shard the policy with configs/accelerate/deepspeed_zero3.yaml, or use ddp.yaml")
+            if self.acc.state.fsdp_plugin.fsdp_version != 2:
+                raise ConfigError("accelerate config: fsdp_config.fsdp_version is "
+                                  f"{self.acc.state.fsdp_plugin.fsdp_version}; only FSDP2 (fsdp_version: 2) is "
+                                  "supported, as in configs/accelerate/fsdp2.yaml")
+            if self.critic is not None:
+                raise ConfigError("algorithm.critic: FSDP2 prepares one model per Accelerator and PPO trains two "
+                                  "(policy and critic); use algorithm=rloo, grpo or reinforce_pp, or the DDP config")
+            if r.engine == "vllm":
+                raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but FSDP2 "
+                                  "shards it; use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml with vllm")
+            return
         if dist_type != DistributedType.DEEPSPEED:
             return
         if self.critic is not None:
@@ -313,6 +334,21 @@ class PolicyTrainer:
                           max_model_len=self.cfg.data.max_prompt_length + r.max_new_tokens, enforce_eager=r.vllm.enforce_eager,
                           gpu_memory_utilization=r.vllm.gpu_memory_utilization, cpu_kv_cache_gb=r.vllm.cpu_kv_cache_gb)
 
+    def _is_fsdp2(self) -> bool:
+        return self.acc.distributed_type == DistributedType.FSDP and self.acc.state.fsdp_plugin.fsdp_version == 2
+
+    def _gathered_for_generation(self):
+        """The context decoding runs in: the whole policy gathered once under FSDP2 or ZeRO-3 when
+        rollout.gather_for_generation, else nothing (the weights are whole already, or gathered layer by layer)."""
+        if not self.cfg.rollout.gather_for_generation:
+            return contextlib.nullcontext()
+        if self._is_fsdp2():
+            return gathered_for_generation(self.acc.unwrap_model(self.policy),
+                                           self.acc.state.fsdp_plugin.reshard_after_forward)
+        if self._zero_stage() == 3:
+            return zero3_gathered_for_generation(self.policy)
+        return contextlib.nullcontext()
+
     def _zero_stage(self) -> int | None:
         """DeepSpeed's ZeRO stage, or None without DeepSpeed."""
         if self.acc.distributed_type != DistributedType.DEEPSPEED:
@@ -334,9 +370,9 @@ class PolicyTrainer:
 
     def _optimizer_state(self) -> dict | None:
         """AdamW's state for a checkpoint. Under DDP it is whole and the same on every process, so any world size
-        can resume from it. DeepSpeed partitions it over the processes: it is not saved, and a resumed run restarts
-        AdamW's moments (with a warning)."""
-        if self.acc.distributed_type == DistributedType.DEEPSPEED:
+        can resume from it. DeepSpeed and FSDP2 partition it over the processes: it is not saved, and a resumed run
+        restarts AdamW's moments (with a warning)."""
+        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             return None
         return self.optimizer.state_dict()
 
@@ -349,6 +385,13 @@ class PolicyTrainer:
         """
         cfg = self.cfg
         history = []
+        if self.acc.is_main_process:
+            backend = self.acc.distributed_type.name + ("2" if self._is_fsdp2() else "")
+            if self._zero_stage() is not None:
+                backend += f" ZeRO-{self._zero_stage()}"
+            log.info("advantage %s, loss %s on %s: %s, %d process(es), mixed precision %s, steps %d to %d, "
+                     "run_dir %s", cfg.algorithm.advantage, cfg.algorithm.policy_loss, self.acc.device, backend, self.acc.num_processes, self.acc.mixed_precision,
+                     self.start_step, cfg.trainer.max_steps, self.run_dir)
         old_handlers = self._install_signal_handlers()
         bar = None
         if cfg.logging.progress and self.acc.is_main_process:
@@ -468,10 +511,14 @@ class PolicyTrainer:
                 temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                 row_keys=keys if r.sampler == "counter" else None)
         else:
-            response_ids, response_mask = generate(
-                self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
-                min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                sampler=r.sampler, row_keys=keys)
+            # FSDP2 and ZeRO-3: every process steps until all are done (transformers sees ZeRO-3 by itself), and
+            # with rollout.gather_for_generation the whole weights are gathered once for the decode.
+            fsdp2 = self._is_fsdp2()
+            with self._gathered_for_generation():
+                response_ids, response_mask = generate(
+                    self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
+                    min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                    sampler=r.sampler, row_keys=keys, synced_gpus=True if fsdp2 and self.acc.num_processes > 1 else None)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
         if self.fused:
@@ -712,12 +759,13 @@ class PolicyTrainer:
         failed write raises on all of them instead of leaving the others waiting."""
         policy = self.acc.unwrap_model(self.policy)
         critic = self.acc.unwrap_model(self.critic).model if self.critic is not None else None
+        # Each process checks what it holds (an FSDP2 process: its shards), and _any_process combines the answers.
         bad = [name for name, m in (("policy", policy), ("value", critic))
-               if m is not None and not all(bool(torch.isfinite(p).all()) for p in m.parameters())]
+               if m is not None and not all(bool(torch.isfinite(_local(p)).all()) for p in m.parameters())]
         if self._any_process(bool(bad)):
             raise TrainingError(f"{' and '.join(bad) or 'model'} weights are not finite at step {step}; checkpoint "
                                 "not written (the previous one is kept)")
-        # Collective: under ZeRO-3 the whole weights exist only once gathered, so every process takes part.
+        # Collective: under ZeRO-3 and FSDP2 the whole weights exist only once gathered, so every process takes part.
         policy_weights = self.acc.get_state_dict(self.policy)
         optimizer_state = self._optimizer_state()
         path, failure = None, None
@@ -749,8 +797,8 @@ class PolicyTrainer:
             if state["optimizer"] is not None:
                 self.optimizer.load_state_dict(state["optimizer"])
             else:
-                warnings.warn(f"trainer.resume: {path} holds no optimizer state (written under DeepSpeed, which "
-                              "partitions it); AdamW's moments start from zero", stacklevel=2)
+                warnings.warn(f"trainer.resume: {path} holds no optimizer state (written under DeepSpeed or FSDP2, "
+                              "which partition it); AdamW's moments start from zero", stacklevel=2)
             self.scheduler.load_state_dict(state["scheduler"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.nonfinite_steps = state["nonfinite_steps"]

@@ -134,8 +134,9 @@ def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path
         torch.testing.assert_close(p8[big], p1[big], rtol=0, atol=1e-5)
 
 
-def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_stage=2, engine="hf"):
-    """Run PolicyTrainer._check_backend against a stand-in accelerator (DeepSpeed and FSDP need GPUs)."""
+def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_stage=2, engine="hf", fsdp_version=2):
+    """Run PolicyTrainer._check_backend against a stand-in accelerator (accelerate builds DeepSpeed and FSDP on
+    GPUs only)."""
     from types import SimpleNamespace
 
     from rlhf.config import validate_policy_config
@@ -145,7 +146,9 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_sta
                                  world_size=2)
     cfg.rollout.engine = engine  # set after validation, which would refuse vllm where it is not installed
     plugin = SimpleNamespace(deepspeed_config=ds_config, zero_stage=zero_stage)
-    acc = SimpleNamespace(distributed_type=dist_type, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
+    fsdp = SimpleNamespace(fsdp_version=fsdp_version)
+    acc = SimpleNamespace(distributed_type=dist_type, num_processes=2,
+                          state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp))
     PolicyTrainer._check_backend(SimpleNamespace(acc=acc, cfg=cfg, critic=object() if critic else None))
 
 
@@ -156,8 +159,14 @@ def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsd
 
     ds = DistributedType.DEEPSPEED
     _check_backend(DistributedType.MULTI_GPU, critic=True)  # DDP: everything goes, PPO's critic too
-    with pytest.raises(ConfigError, match="FSDP is not supported"):
-        _check_backend(DistributedType.FSDP)
+    fsdp = DistributedType.FSDP
+    _check_backend(fsdp)  # FSDP2 with RLOO
+    with pytest.raises(ConfigError, match="fsdp_version is 1; only FSDP2"):
+        _check_backend(fsdp, fsdp_version=1)
+    with pytest.raises(ConfigError, match="^algorithm.critic: FSDP2"):
+        _check_backend(fsdp, critic=True)
+    with pytest.raises(ConfigError, match="^rollout.engine: vllm .* FSDP2"):
+        _check_backend(fsdp, engine="vllm")
     with pytest.raises(ConfigError, match="^algorithm.critic:"):
         _check_backend(ds, ds_config={"gradient_accumulation_steps": 1}, critic=True)
     with pytest.raises(ConfigError, match="^trainer.grad_accum:"):
@@ -291,6 +300,76 @@ def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert "reward_fails_on_rank_1" in out  # the one-line error names the function
     assert elapsed < 90, elapsed
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step finished: nothing to save
+
+
+# RLOO (FSDP2 prepares one model, so no critic), sampled rollouts of up to 6 tokens, 3 steps, checkpoints at 2 and 3.
+FSDP2_RUN = [*FAST, "algorithm=rloo", "trainer.max_steps=3", "trainer.save_every=2", "trainer.keep_last=5",
+             "trainer.sample_every=0", "trainer.torch_threads=1"]
+
+
+def _safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fsdp2_baseline(tmp_path_factory):
+    """FSDP2_RUN on one plain process: (run folder, logged metrics)."""
+    run = tmp_path_factory.mktemp("fsdp2_baseline")
+    return run, _train_one_process(run, *FSDP2_RUN)
+
+
+def _train_fsdp2(run_dir: Path, *overrides) -> list[dict]:
+    proc = _launch(["tests/fsdp2_worker.py", str(run_dir), "trainer.cpu=true", *FSDP2_RUN, *overrides])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_follow_the_one_process_trajectory(fsdp2_baseline, tmp_path):
+    """FSDP2 over two gloo processes (tests/fsdp2_worker.py: accelerate's FSDP2 with configs/accelerate/fsdp2.yaml's
+    settings; accelerate only builds FSDP on GPUs, torch's fully_shard runs on gloo too). Each process holds half of
+    every weight and of AdamW's state; decoding gathers the weights once and both processes step in lockstep
+    (synced_gpus) although their responses end at different lengths; gradients are reduce-scattered; the
+    checkpoint gathers the whole weights. Against one plain process at twice the batch, with 2 accumulated
+    micro-batches per process (FSDP2's gradient-sync switch): the same metrics at every step within TOL, and the
+    same checkpoint weights to float32 rounding. The checkpoint then resumes with one plain process."""
+    one_run, one = fsdp2_baseline
+    two = _train_fsdp2(tmp_path / "fsdp2", "trainer.grad_accum=2")
+    lengths = {m["response_length"] for m in one}
+    assert len(lengths) > 1 or min(lengths) < 6  # some responses ended early: lockstep decoding was exercised
+    assert one[-1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the policy moved: the comparison is not trivial
+    _assert_same_trajectory(one, two)
+
+    ckpt_one, ckpt_two = (run / "checkpoints" / "step_3" for run in (one_run, tmp_path / "fsdp2"))
+    w_one, w_two = _safetensors(ckpt_one / "policy"), _safetensors(ckpt_two / "policy")
+    assert w_two.keys() == w_one.keys()
+    for name, value in w_one.items():
+        # Whole tensors, not one process's half: the gather happened.
+        assert w_two[name].shape == value.shape, name
+        torch.testing.assert_close(w_two[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    config = json.loads((ckpt_two / "policy" / "config.json").read_text())
+    assert not any(a.startswith("FSDP") for a in config["architectures"])  # loadable by class name (vLLM)
+    # AdamW's state is sharded over the processes and not saved; resuming says so and restarts the moments.
+    assert torch.load(ckpt_two / "trainer_state.pt", weights_only=False)["optimizer"] is None
+    _copy_checkpoint(tmp_path / "fsdp2", tmp_path / "resumed", 2)
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        tail = _train_one_process(tmp_path / "resumed", *FSDP2_RUN, "trainer.resume=auto")
+    assert [m["step"] for m in tail] == [2]
+    # Step 2's rollout comes from step 2's weights, which the checkpoint holds whole: the same score and KL.
+    for key in ("score", "kl", "response_length"):
+        assert tail[0][key] == pytest.approx(two[2][key], **TOL), key
+
+
+@pytest.mark.slow
+def test_fsdp2_layer_by_layer_decoding_follows_the_same_trajectory(fsdp2_baseline, tmp_path):
+    """rollout.gather_for_generation=false: decoding gathers each layer at every token (the least memory). Each
+    decoding step is then a collective, so the processes must step in lockstep (synced_gpus) until both are done,
+    and decoding must run under no_grad: under inference_mode the next training forward fails on FSDP2's
+    gathered weights (checked)."""
+    _, one = fsdp2_baseline
+    _assert_same_trajectory(one, _train_fsdp2(tmp_path / "fsdp2", "rollout.gather_for_generation=false"))
 
 
 def test_a_hung_rank_fails_the_job_after_the_process_group_timeout(tmp_path):
