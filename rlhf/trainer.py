@@ -369,12 +369,47 @@ class PolicyTrainer:
         return engine
 
     def _optimizer_state(self) -> dict | None:
-        """AdamW's state for a checkpoint. Under DDP it is whole and the same on every process, so any world size
-        can resume from it. DeepSpeed and FSDP2 partition it over the processes: it is not saved, and a resumed run
-        restarts AdamW's moments (with a warning)."""
-        if self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        """AdamW's state for a checkpoint (a collective under FSDP2).
+
+        Under DDP it is whole and the same on every process: torch's ``state_dict``, keyed by parameter index.
+        Under FSDP2 each process holds a shard of it: the shards are gathered into whole tensors on the main
+        process, keyed by parameter name (``{"by_name": ...}``, torch.distributed.checkpoint's full optimizer state
+        dict). Either resumes on any number of processes, with or without FSDP2 (see _load_optimizer_state).
+        DeepSpeed partitions it in its own format: it is not saved, and a resumed run restarts AdamW's moments
+        (with a warning)."""
+        if self.acc.distributed_type == DistributedType.DEEPSPEED:
             return None
+        if self._is_fsdp2():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            full = get_optimizer_state_dict(self.policy, self.optimizer.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {"by_name": full}
         return self.optimizer.state_dict()
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        """Load AdamW's state saved by _optimizer_state, whichever backend wrote it and whichever this run uses.
+
+        Every process reads the whole saved state. Under FSDP2, or for a state saved by name, it goes through
+        torch.distributed.checkpoint's ``set_optimizer_state_dict`` (which keeps each process's shard under FSDP2);
+        an index-keyed state is first renamed: index i is the i-th trainable policy parameter, the order in which
+        _build_optimizer listed them (no critic: FSDP2 refuses PPO)."""
+        if not self._is_fsdp2() and "by_name" not in saved:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        model = self.acc.unwrap_model(self.policy)
+        by_name = saved.get("by_name")
+        if by_name is None:
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            if len(saved["param_groups"]) != 1 or len(saved["param_groups"][0]["params"]) != len(names):
+                raise ValueError(f"the saved optimizer holds {sum(len(g['params']) for g in saved['param_groups'])} "
+                                 f"parameters in {len(saved['param_groups'])} group(s); the policy trains {len(names)}")
+            by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
+                       "param_groups": [{**saved["param_groups"][0], "params": names}]}
+        set_optimizer_state_dict(model, self.optimizer.optimizer, by_name,
+                                 options=StateDictOptions(full_state_dict=True))
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> list[dict]:
@@ -390,8 +425,9 @@ class PolicyTrainer:
             if self._zero_stage() is not None:
                 backend += f" ZeRO-{self._zero_stage()}"
             log.info("advantage %s, loss %s on %s: %s, %d process(es), mixed precision %s, steps %d to %d, "
-                     "run_dir %s", cfg.algorithm.advantage, cfg.algorithm.policy_loss, self.acc.device, backend, self.acc.num_processes, self.acc.mixed_precision,
-                     self.start_step, cfg.trainer.max_steps, self.run_dir)
+                     "run_dir %s", cfg.algorithm.advantage, cfg.algorithm.policy_loss, self.acc.device, backend,
+                     self.acc.num_processes, self.acc.mixed_precision, self.start_step, cfg.trainer.max_steps,
+                     self.run_dir)
         old_handlers = self._install_signal_handlers()
         bar = None
         if cfg.logging.progress and self.acc.is_main_process:
@@ -795,10 +831,10 @@ class PolicyTrainer:
         try:
             state = load_trainer_state(path)
             if state["optimizer"] is not None:
-                self.optimizer.load_state_dict(state["optimizer"])
+                self._load_optimizer_state(state["optimizer"])
             else:
-                warnings.warn(f"trainer.resume: {path} holds no optimizer state (written under DeepSpeed or FSDP2, "
-                              "which partition it); AdamW's moments start from zero", stacklevel=2)
+                warnings.warn(f"trainer.resume: {path} holds no optimizer state (written under DeepSpeed, which "
+                              "partitions it); AdamW's moments start from zero", stacklevel=2)
             self.scheduler.load_state_dict(state["scheduler"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.nonfinite_steps = state["nonfinite_steps"]

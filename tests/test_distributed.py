@@ -351,15 +351,25 @@ def test_fsdp2_two_processes_follow_the_one_process_trajectory(fsdp2_baseline, t
         torch.testing.assert_close(w_two[name], value, rtol=1e-4, atol=1e-5, msg=name)
     config = json.loads((ckpt_two / "policy" / "config.json").read_text())
     assert not any(a.startswith("FSDP") for a in config["architectures"])  # loadable by class name (vLLM)
-    # AdamW's state is sharded over the processes and not saved; resuming says so and restarts the moments.
-    assert torch.load(ckpt_two / "trainer_state.pt", weights_only=False)["optimizer"] is None
+    # AdamW's state, sharded over the processes, is gathered by parameter name: whole tensors, every trained weight.
+    optimizer = torch.load(ckpt_two / "trainer_state.pt", weights_only=False)["optimizer"]["by_name"]
+    assert set(optimizer["state"]) == set(w_one)
+    assert all(v["exp_avg"].shape == w_one[k].shape for k, v in optimizer["state"].items())
+    # Resuming the step-2 checkpoint on one plain process continues the same trajectory: weights, AdamW moments,
+    # schedule and counters all came back (restarted moments would change step 2's update and step 3's metrics).
     _copy_checkpoint(tmp_path / "fsdp2", tmp_path / "resumed", 2)
-    with pytest.warns(UserWarning, match="no optimizer state"):
-        tail = _train_one_process(tmp_path / "resumed", *FSDP2_RUN, "trainer.resume=auto")
-    assert [m["step"] for m in tail] == [2]
-    # Step 2's rollout comes from step 2's weights, which the checkpoint holds whole: the same score and KL.
-    for key in ("score", "kl", "response_length"):
-        assert tail[0][key] == pytest.approx(two[2][key], **TOL), key
+    tail = _train_one_process(tmp_path / "resumed", *FSDP2_RUN, "trainer.resume=auto")
+    _assert_same_trajectory(one[2:], tail)
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_a_one_process_checkpoint(fsdp2_baseline, tmp_path):
+    """A plain 1-process checkpoint (AdamW's state keyed by parameter index) resumed by 2 FSDP2 processes, which
+    take their shards of it: the run continues the 1-process trajectory."""
+    one_run, one = fsdp2_baseline
+    _copy_checkpoint(one_run, tmp_path / "resumed", 2)
+    tail = _train_fsdp2(tmp_path / "resumed", "trainer.resume=auto")
+    _assert_same_trajectory(one[2:], tail)
 
 
 @pytest.mark.slow
