@@ -101,6 +101,7 @@ class TrainerConfig:
     ppo_epochs: int = 1
     minibatches: int = 1
     grad_accum: int = 1
+    shuffle: str = "process"
     lr: float = 1e-5
     value_lr: float = 1e-5
     weight_decay: float = 0.0
@@ -198,6 +199,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     from rlhf.models import DTYPES, check_spec
     from rlhf.objectives import AGGREGATION_MODES, POLICY_LOSSES
     from rlhf.rollout import SAMPLERS
+    from rlhf.sampling import SHUFFLES
     from rlhf.vllm_engine import ENGINES, VLLMUnavailable, require_vllm
 
     cfg = _typed(cfg, PolicyConfig)
@@ -248,6 +250,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(n_rollouts % (t.minibatches * t.grad_accum) == 0, "trainer.minibatches",
            f"{n_rollouts} rollouts per process do not split into {t.minibatches} minibatches x "
            f"{t.grad_accum} micro-batches")
+    _check_choice(t.shuffle, "trainer.shuffle", SHUFFLES)
     _check(t.lr > 0 and t.value_lr > 0, "trainer.lr", "learning rates must be > 0")
     _check(t.clip_low > 0, "trainer.clip_low", "must be > 0")
     _check(t.clip_high is None or t.clip_high > 0, "trainer.clip_high", "must be > 0 or null")

@@ -1,4 +1,5 @@
-"""Counter-based sampling: the same samples for any number of processes and any batch split.
+"""Counter-based sampling: the same samples for any number of processes and any batch split; and
+:func:`minibatch_rows`, the same PPO minibatches for any number of processes.
 
 torch's sampler draws from one generator stream, so which random numbers a row gets depends on how many rows came
 before it in the batch, i.e. on the number of processes. Here the random number of row ``n`` at new-token position
@@ -117,3 +118,26 @@ class CounterSampler(LogitsProcessor):
         token = inverse_cdf_sample(scores, u)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, token.unsqueeze(1), 0.0)
+
+
+SHUFFLES = ["process", "global"]
+
+
+def minibatch_rows(n: int, minibatches: int, world: int, rank: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's minibatches for process ``rank`` of ``world`` (``trainer.shuffle=global``): ``minibatches`` int64
+    tensors of ``n // minibatches`` local row indices in ``[0, n)``, ``n`` the rows each process holds.
+
+    The global batch (``n * world`` rows; process r holds rows ``[r * n, (r + 1) * n)``) is cut into blocks of
+    ``minibatches`` consecutive rows, and each block sends one of its rows to each minibatch, in an order drawn
+    from ``generator`` for every block of the global batch (the same draw on every process). ``n`` is a multiple
+    of ``minibatches``, so a process holds whole blocks: every minibatch gets exactly ``n // minibatches`` of its
+    rows, and the processes' minibatches together are the minibatches of one process holding the whole batch,
+    whatever the number of processes.
+    """
+    if n % minibatches:
+        raise ValueError(f"{n} rows per process do not split into {minibatches} minibatches")
+    per = n // minibatches
+    order = torch.rand(n * world // minibatches, minibatches, generator=generator).argsort(dim=1)  # (blocks, M)
+    mine = order[rank * per:(rank + 1) * per]                 # (per, M): this process's blocks
+    starts = torch.arange(per) * minibatches                  # (per,): each block's first local row
+    return [starts + mine[:, j] for j in range(minibatches)]

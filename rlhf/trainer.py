@@ -71,7 +71,7 @@ from rlhf.runtime import (
     make_accelerator,
     zero3_gathered_for_generation,
 )
-from rlhf.sampling import row_keys
+from rlhf.sampling import minibatch_rows, row_keys
 from rlhf.tracking import MetricsLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -636,18 +636,16 @@ class PolicyTrainer:
         averaged over the optimizer steps: the same numbers one process would log for the whole batch."""
         t, cfg = self.cfg.trainer, self.cfg
         n = ro.response_ids.shape[0]
-        mb_size = n // t.minibatches
-        micro = mb_size // t.grad_accum
-        # Seeded by the step (resume stays exact) and offset from the sampling seed of the same step.
-        g = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, self.acc.process_index))
+        micro = n // t.minibatches // t.grad_accum
+        # Seeded by the step (resume stays exact) and offset from the sampling seed of the same step; the global
+        # shuffle draws the same on every process.
+        rank = self.acc.process_index if t.shuffle == "process" else 0
+        g = torch.Generator().manual_seed(step_seed(cfg.seed + 1, step, rank))
         sums: dict[str, torch.Tensor] = {}
         norms, skipped = [], 0
         kl_as_loss = not cfg.kl.in_reward and beta > 0 and ro.ref_logprobs is not None
         for _ in range(t.ppo_epochs):
-            perm = torch.randperm(n, generator=g).to(ro.response_ids.device) if t.minibatches > 1 else \
-                torch.arange(n, device=ro.response_ids.device)
-            for mb in range(t.minibatches):
-                mb_idx = perm[mb * mb_size:(mb + 1) * mb_size]
+            for mb_idx in self._minibatches(n, g, ro.response_ids.device):
                 denom = self._global_count(ro.response_mask[mb_idx])
                 for j in range(t.grad_accum):
                     idx = mb_idx[j * micro:(j + 1) * micro]
@@ -669,6 +667,21 @@ class PolicyTrainer:
         out["policy/grad_norm"] = torch.stack(norms).mean() if norms else torch.tensor(float("nan"))
         out["policy/skipped_updates"] = torch.tensor(float(skipped))
         return out
+
+    def _minibatches(self, n: int, g: torch.Generator, device) -> list[torch.Tensor]:
+        """One epoch's minibatches of this process's ``n`` rollout rows: trainer.minibatches index tensors of
+        ``n // minibatches`` rows each. shuffle=process: slices of a permutation of this process's rows (seeded
+        by its rank). shuffle=global: rlhf.sampling.minibatch_rows, the same minibatches on any number of
+        processes."""
+        t = self.cfg.trainer
+        size = n // t.minibatches
+        if t.minibatches == 1:
+            return [torch.arange(n, device=device)]
+        if t.shuffle == "global":
+            rows = minibatch_rows(n, t.minibatches, self.acc.num_processes, self.acc.process_index, g)
+            return [r.to(device) for r in rows]
+        perm = torch.randperm(n, generator=g).to(device)
+        return [perm[mb * size:(mb + 1) * size] for mb in range(t.minibatches)]
 
     def _global_count(self, mask: torch.Tensor) -> torch.Tensor:
         """What the aggregation divides by over the minibatch on all processes: tokens or sequences."""

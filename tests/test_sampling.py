@@ -4,7 +4,7 @@ how the batch is split, which is what makes 2 processes sample what 1 process sa
 import pytest
 import torch
 
-from rlhf.sampling import CounterSampler, counter_uniform, inverse_cdf_sample, mix32, row_keys
+from rlhf.sampling import CounterSampler, counter_uniform, inverse_cdf_sample, minibatch_rows, mix32, row_keys
 
 
 def _mueller_by_hand(x: int) -> int:
@@ -176,3 +176,30 @@ def test_bad_sampler_name_is_a_one_line_config_error(policy_cfg):
     with pytest.raises(ConfigError, match="rollout.sampler") as e:
         policy_cfg("rollout.sampler=gumbel")
     assert "\n" not in str(e.value)
+
+
+def test_global_minibatches_are_the_same_for_any_number_of_processes():
+    """trainer.shuffle=global: 24 rows, 3 minibatches. One process holding all 24 rows, or 2 / 4 processes holding
+    12 / 6 each, form the same minibatches: a process's local row i is global row rank * n + i."""
+    total, m = 24, 3
+
+    def global_minibatches(world):
+        n = total // world
+        per_rank = [minibatch_rows(n, m, world, r, torch.Generator().manual_seed(7)) for r in range(world)]
+        return [sorted(int(i) + r * n for r in range(world) for i in per_rank[r][j]) for j in range(m)]
+
+    one = global_minibatches(1)
+    assert global_minibatches(2) == one
+    assert global_minibatches(4) == one
+    # A partition of the batch into equal minibatches, with one row of every block of 3 consecutive rows in each
+    # minibatch (so each process gets exactly its share, n / m rows, of every minibatch).
+    assert sorted(sum(one, [])) == list(range(total))
+    for rows in one:
+        assert len(rows) == total // m
+        assert sorted(i // m for i in rows) == list(range(total // m))
+    # The draw is random: another seed forms other minibatches, and the rows are not simply strided.
+    other = [sorted(int(i) for i in mb) for mb in minibatch_rows(total, m, 1, 0, torch.Generator().manual_seed(8))]
+    assert other != one
+    assert any(len({i % m for i in rows}) > 1 for rows in one)
+    with pytest.raises(ValueError, match="10 rows per process do not split into 3 minibatches"):
+        minibatch_rows(10, 3, 1, 0, torch.Generator())
