@@ -171,6 +171,25 @@ class TokenValues(torch.nn.Module):
         return token_scores(self.model, input_ids, attention_mask)
 
 
+class PolicyAndValue(torch.nn.Module):
+    """The policy and the critic as one module, for the optimizer's parameter names and for FSDP2.
+
+    accelerate prepares one model per ``prepare`` call under FSDP2, and PPO trains two with one optimizer. Prepared
+    together as this module, each becomes its own ``fully_shard`` unit (both classes are listed in
+    ``_no_split_modules``, beside their decoder layers). Its own forward is never called: the trainer calls
+    ``.policy`` and ``.critic`` directly. Its parameter names (``policy.*`` then ``critic.*``) are those of the
+    optimizer's two groups, in order.
+    """
+
+    def __init__(self, policy: PreTrainedModel, critic: TokenValues):
+        super().__init__()
+        self.policy = policy
+        self.critic = critic
+        layers = set(getattr(policy, "_no_split_modules", None) or [])
+        layers |= set(getattr(critic.model, "_no_split_modules", None) or [])
+        self._no_split_modules = sorted(layers | {type(policy).__name__, type(critic).__name__})
+
+
 def response_values(critic: torch.nn.Module, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
     """Critic values of the states before each response token: ``(N, R)``, aligned with the log-probs."""
     ids, mask = _concat(query_ids, query_mask, response_ids, response_mask)

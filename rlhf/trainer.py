@@ -58,6 +58,7 @@ from rlhf.models import (
 )
 from rlhf.objectives import POLICY_LOSSES, explained_variance, kl_loss, value_loss
 from rlhf.rollout import (
+    PolicyAndValue,
     Rollout,
     TokenValues,
     generate,
@@ -145,7 +146,11 @@ class PolicyTrainer:
         self.critic = TokenValues(self.models.value) if self.models.value is not None else None
         self.optimizer = self._build_optimizer()
         self._check_backend()
-        if self.critic is not None:
+        self._both = None  # PPO under FSDP2: the prepared PolicyAndValue
+        if self.critic is not None and self._is_fsdp2():
+            self._both, self.optimizer = self.acc.prepare(PolicyAndValue(self.policy, self.critic), self.optimizer)
+            self.policy, self.critic = self._both.policy, self._both.critic
+        elif self.critic is not None:
             self.policy, self.critic, self.optimizer = self.acc.prepare(self.policy, self.critic, self.optimizer)
         else:
             self.policy, self.optimizer = self.acc.prepare(self.policy, self.optimizer)
@@ -288,9 +293,6 @@ class PolicyTrainer:
                 raise ConfigError("accelerate config: fsdp_config.fsdp_version is "
                                   f"{self.acc.state.fsdp_plugin.fsdp_version}; only FSDP2 (fsdp_version: 2) is "
                                   "supported, as in configs/accelerate/fsdp2.yaml")
-            if self.critic is not None:
-                raise ConfigError("algorithm.critic: FSDP2 prepares one model per Accelerator and PPO trains two "
-                                  "(policy and critic); use algorithm=rloo, grpo or reinforce_pp, or the DDP config")
             if r.engine == "vllm":
                 raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but FSDP2 "
                                   "shards it; use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml with vllm")
@@ -382,32 +384,42 @@ class PolicyTrainer:
         if self._is_fsdp2():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-            full = get_optimizer_state_dict(self.policy, self.optimizer.optimizer,
+            full = get_optimizer_state_dict(self._optimized_module(), self.optimizer.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return {"by_name": full}
         return self.optimizer.state_dict()
+
+    def _optimized_module(self) -> torch.nn.Module:
+        """The module whose trainable parameters, in order, are the optimizer's: the policy, or (PPO) the policy
+        and the critic as one PolicyAndValue (the prepared one under FSDP2)."""
+        if self.critic is None:
+            return self.acc.unwrap_model(self.policy)
+        if self._both is not None:
+            return self._both
+        return PolicyAndValue(self.acc.unwrap_model(self.policy), self.acc.unwrap_model(self.critic))
 
     def _load_optimizer_state(self, saved: dict) -> None:
         """Load AdamW's state saved by _optimizer_state, whichever backend wrote it and whichever this run uses.
 
         Every process reads the whole saved state. Under FSDP2, or for a state saved by name, it goes through
         torch.distributed.checkpoint's ``set_optimizer_state_dict`` (which keeps each process's shard under FSDP2);
-        an index-keyed state is first renamed: index i is the i-th trainable policy parameter, the order in which
-        _build_optimizer listed them (no critic: FSDP2 refuses PPO)."""
+        an index-keyed state is first renamed: index i is the i-th trainable parameter of _optimized_module, the
+        order in which _build_optimizer listed them."""
         if not self._is_fsdp2() and "by_name" not in saved:
             self.optimizer.load_state_dict(saved)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        model = self.acc.unwrap_model(self.policy)
+        model = self._optimized_module()
         by_name = saved.get("by_name")
         if by_name is None:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-            if len(saved["param_groups"]) != 1 or len(saved["param_groups"][0]["params"]) != len(names):
-                raise ValueError(f"the saved optimizer holds {sum(len(g['params']) for g in saved['param_groups'])} "
-                                 f"parameters in {len(saved['param_groups'])} group(s); the policy trains {len(names)}")
+            count = sum(len(g["params"]) for g in saved["param_groups"])
+            if count != len(names):
+                raise ValueError(f"the saved optimizer holds {count} parameters; this run trains {len(names)}")
             by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
-                       "param_groups": [{**saved["param_groups"][0], "params": names}]}
+                       "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                        for g in saved["param_groups"]]}
         set_optimizer_state_dict(model, self.optimizer.optimizer, by_name,
                                  options=StateDictOptions(full_state_dict=True))
 
@@ -816,6 +828,9 @@ class PolicyTrainer:
                                 "not written (the previous one is kept)")
         # Collective: under ZeRO-3 and FSDP2 the whole weights exist only once gathered, so every process takes part.
         policy_weights = self.acc.get_state_dict(self.policy)
+        critic_weights = None
+        if critic is not None and self._is_fsdp2():  # TokenValues' names: "model." + the value model's
+            critic_weights = {k.removeprefix("model."): v for k, v in self.acc.get_state_dict(self.critic).items()}
         optimizer_state = self._optimizer_state()
         path, failure = None, None
         if self.acc.is_main_process:
@@ -828,7 +843,7 @@ class PolicyTrainer:
                 policy.save_pretrained(os.path.join(folder, "policy"), state_dict=policy_weights)
                 self.models.tokenizer.save_pretrained(os.path.join(folder, "policy"))
                 if critic is not None:
-                    critic.save_pretrained(os.path.join(folder, "value"))
+                    critic.save_pretrained(os.path.join(folder, "value"), state_dict=critic_weights)
                 torch.save(state, os.path.join(folder, "trainer_state.pt"))
 
             try:

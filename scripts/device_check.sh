@@ -52,6 +52,7 @@ checkpoint_mb() {  # whole weights in the last checkpoint: far above 0 when ZeRO
 }
 launch() { echo "$py -m accelerate.commands.launch --config_file configs/accelerate/$1.yaml --num_processes 1 --main_process_port 29517"; }
 LAUNCH=$(launch fsdp2) run rloo_fsdp2_bf16 algorithm=rloo && checkpoint_mb rloo_fsdp2_bf16
+LAUNCH=$(launch fsdp2) run ppo_fsdp2_bf16 algorithm=ppo  # the policy and the critic sharded as one module
 if $py -c "import deepspeed" > /dev/null 2>&1; then
   for stage in 2 3; do
     LAUNCH=$(launch deepspeed_zero$stage) run "rloo_zero${stage}_bf16" algorithm=rloo && checkpoint_mb "rloo_zero${stage}_bf16"

@@ -8,7 +8,8 @@ worker makes the CPU Accelerator, then switches its state to FSDP2 with the ``fs
 configs/accelerate/fsdp2.yaml, exactly the plugin ``accelerate launch --config_file fsdp2.yaml`` builds on GPUs.
 From there on everything is the real thing: accelerate's FSDP2 prepare (per-layer ``fully_shard``, DTensor
 parameters, the optimizer re-pointed at the shards), and the trainer's FSDP2 code paths (gathered decoding in
-lockstep, DTensor gradient clipping, gathered checkpoint weights). Needs the repository root on PYTHONPATH.
+lockstep, DTensor gradient clipping, gathered checkpoint weights and AdamW state, PPO's critic). Needs the
+repository root on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ def main(run_dir: str, overrides: list[str]) -> None:
     assert acc.is_fsdp2
     cfg = validate_policy_config(compose_policy(overrides, run_dir=run_dir), world_size=acc.num_processes)
     trainer = PolicyTrainer(cfg, accelerator=acc)
-    sharded = type(next(trainer.policy.parameters())).__name__
-    assert sharded == "DTensor", f"the policy was not sharded: its parameters are {sharded}"
+    for name, model in (("policy", trainer.policy), ("critic", trainer.critic)):
+        if model is not None:
+            sharded = type(next(model.parameters())).__name__
+            assert sharded == "DTensor", f"the {name} was not sharded: its parameters are {sharded}"
     trainer.train()
 
 

@@ -163,8 +163,7 @@ def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsd
     _check_backend(fsdp)  # FSDP2 with RLOO
     with pytest.raises(ConfigError, match="fsdp_version is 1; only FSDP2"):
         _check_backend(fsdp, fsdp_version=1)
-    with pytest.raises(ConfigError, match="^algorithm.critic: FSDP2"):
-        _check_backend(fsdp, critic=True)
+    _check_backend(fsdp, critic=True)  # PPO: policy and critic prepared as one PolicyAndValue
     with pytest.raises(ConfigError, match="^rollout.engine: vllm .* FSDP2"):
         _check_backend(fsdp, engine="vllm")
     with pytest.raises(ConfigError, match="^algorithm.critic:"):
@@ -336,7 +335,7 @@ def fsdp2_baseline(tmp_path_factory):
 
 
 def _train_fsdp2(run_dir: Path, *overrides) -> list[dict]:
-    proc = _launch(["tests/fsdp2_worker.py", str(run_dir), "trainer.cpu=true", *FSDP2_RUN, *overrides])
+    proc = _launch(["tests/fsdp2_worker.py", str(run_dir), "trainer.cpu=true", *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -351,7 +350,7 @@ def test_fsdp2_two_processes_follow_the_one_process_trajectory(fsdp2_baseline, t
     micro-batches per process (FSDP2's gradient-sync switch): the same metrics at every step within TOL, and the
     same checkpoint weights to float32 rounding. The checkpoint then resumes with one plain process."""
     one_run, one = fsdp2_baseline
-    two = _train_fsdp2(tmp_path / "fsdp2", "trainer.grad_accum=2")
+    two = _train_fsdp2(tmp_path / "fsdp2", *FSDP2_RUN, "trainer.grad_accum=2")
     lengths = {m["response_length"] for m in one}
     assert len(lengths) > 1 or min(lengths) < 6  # some responses ended early: lockstep decoding was exercised
     assert one[-1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the policy moved: the comparison is not trivial
@@ -383,8 +382,30 @@ def test_fsdp2_resumes_a_one_process_checkpoint(fsdp2_baseline, tmp_path):
     take their shards of it: the run continues the 1-process trajectory."""
     one_run, one = fsdp2_baseline
     _copy_checkpoint(one_run, tmp_path / "resumed", 2)
-    tail = _train_fsdp2(tmp_path / "resumed", "trainer.resume=auto")
+    tail = _train_fsdp2(tmp_path / "resumed", *FSDP2_RUN, "trainer.resume=auto")
     _assert_same_trajectory(one[2:], tail)
+
+
+@pytest.mark.slow
+def test_fsdp2_ppo_follows_the_one_process_trajectory_and_resumes_either_way(trajectories, tmp_path):
+    """PPO under FSDP2: the policy and the critic are prepared as one PolicyAndValue, each its own fully_shard unit,
+    with one AdamW over both. 2 FSDP2 processes follow the 1-process PPO trajectory of the `trajectories` fixture
+    (4 steps, 2 epochs, grad_accum=2 per process); the step-4 checkpoint holds the whole policy and critic
+    weights, equal to the 1-process ones; the 1-process step-2 checkpoint (AdamW state keyed by index, two
+    groups) resumed by 2 FSDP2 processes, and the FSDP2 step-2 checkpoint resumed by 1 process, continue it."""
+    base, one, _ = trajectories
+    fsdp2 = _train_fsdp2(tmp_path / "fsdp2", *TRAJECTORY, "trainer.grad_accum=2")
+    _assert_same_trajectory(one, fsdp2)
+    for part in ("policy", "value"):
+        w_one = _safetensors(base / "one" / "checkpoints" / "step_4" / part)
+        w_two = _safetensors(tmp_path / "fsdp2" / "checkpoints" / "step_4" / part)
+        assert w_two.keys() == w_one.keys()
+        for name, value in w_one.items():
+            torch.testing.assert_close(w_two[name], value, rtol=1e-4, atol=1e-5, msg=f"{part}: {name}")
+    _copy_checkpoint(base / "one", tmp_path / "one_to_fsdp2", 2)
+    _assert_same_trajectory(one[2:], _train_fsdp2(tmp_path / "one_to_fsdp2", *TRAJECTORY, "trainer.resume=auto"))
+    _copy_checkpoint(tmp_path / "fsdp2", tmp_path / "fsdp2_to_one", 2)
+    _assert_same_trajectory(one[2:], _train_one_process(tmp_path / "fsdp2_to_one", *TRAJECTORY, "trainer.resume=auto"))
 
 
 @pytest.mark.slow
@@ -394,7 +415,7 @@ def test_fsdp2_layer_by_layer_decoding_follows_the_same_trajectory(fsdp2_baselin
     and decoding must run under no_grad: under inference_mode the next training forward fails on FSDP2's
     gathered weights (checked)."""
     _, one = fsdp2_baseline
-    _assert_same_trajectory(one, _train_fsdp2(tmp_path / "fsdp2", "rollout.gather_for_generation=false"))
+    _assert_same_trajectory(one, _train_fsdp2(tmp_path / "fsdp2", *FSDP2_RUN, "rollout.gather_for_generation=false"))
 
 
 def test_a_hung_rank_fails_the_job_after_the_process_group_timeout(tmp_path):
