@@ -561,12 +561,12 @@ class PolicyTrainer:
         else:
             # FSDP2 and ZeRO-3: every process steps until all are done (transformers sees ZeRO-3 by itself), and
             # with rollout.gather_for_generation the whole weights are gathered once for the decode.
-            fsdp2 = self._is_fsdp2()
+            synced = True if self._is_fsdp2() and self.acc.num_processes > 1 else None
             with self._gathered_for_generation():
                 response_ids, response_mask = generate(
                     self.acc.unwrap_model(self.policy), query_ids, query_mask, tok, max_new_tokens=r.max_new_tokens,
                     min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                    sampler=r.sampler, row_keys=keys, synced_gpus=True if fsdp2 and self.acc.num_processes > 1 else None)
+                    sampler=r.sampler, row_keys=keys, synced_gpus=synced)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
         if self.fused:

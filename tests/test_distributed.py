@@ -16,6 +16,8 @@ What is checked, and why these setups:
 - The 2-process runs also accumulate 2 micro-batches per optimizer step (grad_accum=2 under DDP no_sync) where the
   1-process run takes one batch of 8: accumulation over processes and micro-batches equals one big batch.
 - One failing rank ends the whole job with its error, quickly (no hang).
+- FSDP2 (tests/fsdp2_worker.py: accelerate's FSDP2 on gloo CPU processes) follows the same trajectories, RLOO and
+  PPO, and its checkpoints (whole weights, AdamW state by name) resume across FSDP2 and plain runs both ways.
 """
 
 import json
@@ -316,7 +318,7 @@ def test_one_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # no step finished: nothing to save
 
 
-# RLOO (FSDP2 prepares one model, so no critic), sampled rollouts of up to 6 tokens, 3 steps, checkpoints at 2 and 3.
+# RLOO under FSDP2 (PPO has its own test below), sampled rollouts of up to 6 tokens, 3 steps, checkpoints at 2 and 3.
 FSDP2_RUN = [*FAST, "algorithm=rloo", "trainer.max_steps=3", "trainer.save_every=2", "trainer.keep_last=5",
              "trainer.sample_every=0", "trainer.torch_threads=1"]
 
