@@ -8,6 +8,11 @@ with the reason, never dropped. Jobs that have not started yet have no folder an
 "Final" values are the mean over the last ``window`` logged steps of a run (10 by default): one step of the built-in
 task scores 64 samples, too few for a single step to rank betas.
 
+A run that logged no KL at all (beta = 0 with ``kl.log_at_zero_beta`` off loads no reference model and logs
+``"kl": null``) stays in the tables with its scores and ``n/a`` for KL, is left out of everything measured
+against KL (frontier plot, fits, KL budget, KL ordering) and gets one ``note:`` line in the summary naming the
+flag.
+
 Frontier fits follow Gao et al. (2022, "Scaling laws for reward model overoptimization"). With ``d = sqrt(KL)``
 (KL in nats per sequence) and ``R`` the gold-score gain over the starting policy:
 
@@ -78,6 +83,31 @@ class Run:
     @property
     def steps_done(self) -> int:
         return int(self.metrics[-1]["step"]) + 1 if self.metrics else 0
+
+    @property
+    def logged_kl(self) -> bool:
+        """True when some logged step has a finite KL."""
+        return bool(np.isfinite(series(self.metrics, "kl")).any())
+
+
+NO_KL = "n/a"
+"""KL cell (report.csv, report.md) of a run that logged steps but no KL; pandas reads it as NaN."""
+
+
+def no_kl_note(run: Run) -> str:
+    """The one summary line for a run that logged steps but no KL."""
+    flag = run.config.get("kl", {}).get("log_at_zero_beta", False)
+    if run.beta == 0 and flag is not True:
+        setting = "null (auto), which left it off" if flag is None else "false"
+        return (f"note: {run.name} (beta=0) logged no KL: it ran with kl.log_at_zero_beta={setting}, so it "
+                "is not on the frontier; rerun it with kl.log_at_zero_beta=true")
+    return (f"note: {run.name} (beta={run.beta:g}) logged no KL, so it is not on the frontier "
+            f"(kl.log_at_zero_beta={str(flag).lower()} in its config; check its metrics.jsonl)")
+
+
+def runs_without_kl(runs: Sequence[Run]) -> list[Run]:
+    """Runs that logged at least one step and no finite KL (a run with no steps yet is only "unfinished")."""
+    return [r for r in runs if r.metrics and not r.logged_kl]
 
 
 def _natural_key(name: str) -> list:
@@ -198,6 +228,7 @@ def run_row(run: Run, axis: str, window: int = DEFAULT_WINDOW) -> dict:
         row[key] = final_value(run.metrics, "beta" if key == "final_beta" else key, window)
     row["job"] = run.name
     row["reason"] = run.reason
+    row["logged_kl"] = run.logged_kl or not run.metrics  # False only for a run that logged steps without KL
     return row
 
 
@@ -238,17 +269,21 @@ def best_lines(groups: Sequence[dict], axis: str, gold: bool, kl_budget: float |
     lines = []
     key = "gold_score" if gold else "score"
     best = max(groups, key=lambda g: _finite_or(g[f"{key}_mean"], -math.inf))
+    kl = f"final KL {_pm(best, 'kl', 2)} nats" if math.isfinite(best["kl_mean"]) else "no KL logged"
     lines.append(f"Best {'gold score' if gold else 'score'}: {name} = {best[axis]:g} "
-                 f"({key} {_pm(best, key, 3)}, final KL {_pm(best, 'kl', 2)} nats, {best['n']} seeds).")
-    if kl_budget is not None:
-        within = [g for g in groups if g["kl_mean"] <= kl_budget]
+                 f"({key} {_pm(best, key, 3)}, {kl}, {best['n']} seeds).")
+    with_kl = [g for g in groups if math.isfinite(g["kl_mean"])]
+    if kl_budget is not None and not with_kl:
+        lines.append(f"No {name} logged KL, so the KL budget of {kl_budget:g} nats cannot be checked.")
+    elif kl_budget is not None:
+        within = [g for g in with_kl if g["kl_mean"] <= kl_budget]
         if within:
             b = max(within, key=lambda g: _finite_or(g["score_mean"], -math.inf))
             extra = f", gold {_pm(b, 'gold_score', 3)}" if gold else ""
             lines.append(f"Best score with mean final KL <= {kl_budget:g} nats: {name} = {b[axis]:g} "
                          f"(score {_pm(b, 'score', 3)}{extra}, KL {_pm(b, 'kl', 2)}).")
         else:
-            least = min(groups, key=lambda g: g["kl_mean"])
+            least = min(with_kl, key=lambda g: g["kl_mean"])
             lines.append(f"No {name} stays within a KL budget of {kl_budget:g} nats; the lowest mean final KL is "
                          f"{least['kl_mean']:.2f} at {name} = {least[axis]:g}.")
     return lines
@@ -258,22 +293,27 @@ def _finite_or(x: float, default: float) -> float:
     return x if math.isfinite(x) else default
 
 
-def _pm(group: dict, key: str, digits: int) -> str:
+def _pm(group: dict, key: str, digits: int, missing: str = "—") -> str:
     mean, std = group[f"{key}_mean"], group[f"{key}_std"]
     if not math.isfinite(mean):
-        return "—"
+        return missing
     return f"{mean:.{digits}f}" if not math.isfinite(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def write_csv(rows: Sequence[dict], path: str) -> str:
-    """Write ``rows`` (dicts with the same keys) to ``path``; nan is written as an empty cell."""
+    """Write ``rows`` (dicts with the same keys) to ``path``; nan is written as an empty cell, the KL of a run
+    that logged no KL (``logged_kl`` False, a column not written) as ``n/a``."""
     if not rows:
         raise ValueError("rows is empty")
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "logged_kl"])
         w.writeheader()
         for row in rows:
-            w.writerow({k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+            out = {k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()
+                   if k != "logged_kl"}
+            if not row.get("logged_kl", True):
+                out["kl"] = NO_KL
+            w.writerow(out)
     return path
 
 
@@ -291,7 +331,7 @@ def group_table(groups: Sequence[dict], axis: str, gold: bool) -> str:
     header += ["final β"] if axis == "target" else []
     body = []
     for g in groups:
-        row = [f"{g[axis]:g}", g["n"], _pm(g, "score", 3), _pm(g, "kl", 2), _pm(g, "reward", 3)]
+        row = [f"{g[axis]:g}", g["n"], _pm(g, "score", 3), _pm(g, "kl", 2, NO_KL), _pm(g, "reward", 3)]
         row += [_pm(g, "gold_score", 3)] if gold else []
         row += [_pm(g, "final_beta", 4)] if axis == "target" else []
         body.append(row)
@@ -310,7 +350,7 @@ def run_table(rows: Sequence[dict], axis: str, gold: bool) -> str:
     body = []
     for r in rows:
         line = [f"{r[axis]:g}", r["seed"], r["status"], f"{r['steps']}/{r['max_steps']}", _cell(r["score"], 3),
-                _cell(r["kl"], 2), _cell(r["reward"], 3)]
+                _cell(r["kl"], 2) if r.get("logged_kl", True) else NO_KL, _cell(r["reward"], 3)]
         line += [_cell(r["gold_score"], 3)] if gold else []
         line += [f"`{r['job']}`"]
         body.append(line)
@@ -400,11 +440,12 @@ def start_values(runs: Sequence[Run], metric: str) -> dict[int, float]:
 
 
 def trajectories(runs: Sequence[Run], axis: str, metric: str, window: int = DEFAULT_WINDOW) -> list[Trajectory]:
-    """Block-mean trajectories of the finished runs whose seed has a step-0 value of ``metric``."""
+    """Block-mean trajectories of the finished runs that logged KL and whose seed has a step-0 value of
+    ``metric``."""
     start = start_values(runs, metric)
     out = []
     for r in runs:
-        if not r.finished or r.seed not in start:
+        if not r.finished or not r.logged_kl or r.seed not in start:
             continue
         kl = block_means(series(r.metrics, "kl"), window)
         y = block_means(series(r.metrics, metric), window)
@@ -495,14 +536,17 @@ def _log_axis(ax, which: str) -> None:
 
 def plot_frontier(rows: Sequence[dict], axis: str, path: str, window: int = DEFAULT_WINDOW,
                   kl_budget: float | None = None) -> str:
-    """Final score against final KL, one point per finished run coloured by the swept value (and the KL budget as
-    a vertical line)."""
-    done = [r for r in rows if r["status"] == "finished"]
-    colours = value_colours([r[axis] for r in done])
+    """Final score against final KL, one point per finished run with a final KL, coloured by the swept value
+    (and the KL budget as a vertical line)."""
+    done = [r for r in rows if r["status"] == "finished" and math.isfinite(r["kl"])]
+    # colours from every finished run, with or without KL: the same colours as curves.png
+    colours = value_colours([r[axis] for r in rows if r["status"] == "finished"])
     fig, axes = _figure()
     ax = axes[0, 0]
     for value, colour in colours.items():
         pts = [r for r in done if r[axis] == value]
+        if not pts:  # this setting logged no KL
+            continue
         ax.scatter([r["kl"] for r in pts], [r["score"] for r in pts], s=60, color=colour, edgecolor="black",
                    linewidth=0.5, label=_label(axis, value))
     if kl_budget is not None:
@@ -518,13 +562,15 @@ def plot_frontier(rows: Sequence[dict], axis: str, path: str, window: int = DEFA
 
 
 def plot_overoptimisation(trajs_score: Sequence[Trajectory], trajs_gold: Sequence[Trajectory], axis: str,
-                          path: str) -> str:
-    """Proxy and gold score gains along training against KL (Gao et al. 2022, Fig. 1), one colour per setting."""
+                          path: str, colours: dict[float, tuple] | None = None) -> str:
+    """Proxy and gold score gains along training against KL (Gao et al. 2022, Fig. 1), one colour per setting
+    (``colours``: value -> colour, by default from the trajectories' values)."""
     from matplotlib.lines import Line2D
 
     gold_by_run = {t.run.name: t for t in trajs_gold}
     pairs = [(ts, gold_by_run[ts.run.name]) for ts in trajs_score if ts.run.name in gold_by_run]
-    colours = value_colours([ts.value for ts, _ in pairs])
+    shown = {ts.value for ts, _ in pairs}
+    colours = {v: c for v, c in (colours or value_colours(list(shown))).items() if v in shown}
     same = all(np.allclose(a.gain, b.gain) for a, b in pairs)
     fig, axes = _figure(size=(7.0, 4.6))
     ax = axes[0, 0]
@@ -557,7 +603,10 @@ def plot_curves(runs: Sequence[Run], axis: str, path: str, window: int = DEFAULT
     fig, axes = _figure(2, 1, size=(6.8, 6.6))
     for ax, key in zip(axes[:, 0], (metric, "kl")):
         for value, colour in colours.items():
-            curves = [_moving_average(series(r.metrics, key), window) for r, v in zip(done, values) if v == value]
+            curves = [_moving_average(series(r.metrics, key), window) for r, v in zip(done, values)
+                      if v == value and (key != "kl" or r.logged_kl)]
+            if not curves:  # every run of this setting logged no KL
+                continue
             n = min(c.size for c in curves)
             stack = np.stack([c[:n] for c in curves])
             steps = np.arange(n)
@@ -568,6 +617,12 @@ def plot_curves(runs: Sequence[Run], axis: str, path: str, window: int = DEFAULT
     axes[0, 0].set_ylabel(f"{metric.replace('_', ' ')} ({window}-step moving average)")
     axes[1, 0].set_ylabel("KL(π ‖ π_ref), nats (log scale)")
     _log_axis(axes[1, 0], "y")
+    without = sorted({v for r, v in zip(done, values) if not r.logged_kl}
+                     - {v for r, v in zip(done, values) if r.logged_kl})
+    if without:  # runs with kl.log_at_zero_beta off: say why their KL curve is missing
+        axes[1, 0].text(0.98, 0.04, "no KL logged: " + ", ".join(_label(axis, v) for v in without),
+                        transform=axes[1, 0].transAxes, ha="right", va="bottom", fontsize=8,
+                        bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
     axes[1, 0].set_xlabel("training step")
     axes[0, 0].set_title("Training curves: mean over seeds, band = min..max over seeds")
     axes[0, 0].legend(fontsize=8, ncol=2)
@@ -585,10 +640,11 @@ def _moving_average(x: np.ndarray, window: int) -> np.ndarray:
 
 def plot_bon_vs_rl(trajs: Sequence[Trajectory], rl_fit: FrontierFit, axis: str, path: str,
                    bon: Sequence[dict] | None = None, bon_fit: FrontierFit | None = None,
-                   metric: str = "gold_score") -> str:
-    """Gain against d = sqrt(KL): RL trajectories and final points (one colour per setting) with the pooled RL
-    fit, and best-of-n points (``bon`` rows with ``d`` and ``gain``) with their fit."""
-    colours = value_colours([t.value for t in trajs])
+                   metric: str = "gold_score", colours: dict[float, tuple] | None = None) -> str:
+    """Gain against d = sqrt(KL): RL trajectories and final points (one colour per setting, ``colours`` by
+    default from the trajectories' values) with the pooled RL fit, and best-of-n points (``bon`` rows with
+    ``d`` and ``gain``) with their fit."""
+    colours = colours or value_colours([t.value for t in trajs])
     fig, axes = _figure(size=(7.0, 4.8))
     ax = axes[0, 0]
     labelled = set()
@@ -641,14 +697,20 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     groups = group_rows(rows, axis)
     os.makedirs(out_dir, exist_ok=True)
     files = [write_csv(rows, os.path.join(out_dir, "report.csv"))]
-    summary = best_lines(groups, axis, gold, kl_budget)
-    if len(groups) >= 2:
-        kls = ", ".join(f"{g['kl_mean']:.2f}" for g in groups)
+    no_kl = runs_without_kl(runs)
+    summary = [no_kl_note(r) for r in no_kl]
+    if no_kl and len(no_kl) == sum(bool(r.metrics) for r in runs):
+        summary.append("No run logged KL: the tables list scores only, with no frontier plot or fit.")
+    summary += best_lines(groups, axis, gold, kl_budget)
+    with_kl = [g for g in groups if math.isfinite(g["kl_mean"])]
+    if len(with_kl) >= 2:
+        kls = ", ".join(f"{g['kl_mean']:.2f}" for g in with_kl)
         way = "decrease" if axis == "beta" else "increase"
-        ok = kl_monotone(groups, decreasing=axis == "beta")
+        ok = kl_monotone(with_kl, decreasing=axis == "beta")
         name = "β" if axis == "beta" else "KL target"
+        left_out = "" if len(with_kl) == len(groups) else ", settings without KL left out"
         summary.append(f"Mean final KL {way + 's' if ok else 'does NOT ' + way} monotonically as {name} grows "
-                       f"({kls} nats).")
+                       f"({kls} nats{left_out}).")
     unfinished = [r for r in runs if not r.finished]
     if unfinished:
         summary.append(f"{len(unfinished)} of {len(runs)} runs are unfinished and left out of the means: "
@@ -657,15 +719,17 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     fit_lines: list[str] = []
     images: list[tuple[str, str]] = []
     if groups:
-        images.append(("Reward-KL frontier", plot_frontier(rows, axis, os.path.join(out_dir, "frontier.png"),
-                                                           window, kl_budget)))
+        if any(r["status"] == "finished" and math.isfinite(r["kl"]) for r in rows):
+            images.append(("Reward-KL frontier", plot_frontier(
+                rows, axis, os.path.join(out_dir, "frontier.png"), window, kl_budget)))
         images.append(("Training curves", plot_curves(runs, axis, os.path.join(out_dir, "curves.png"), window,
                                                       metric)))
-        trajs = trajectories(runs, axis, metric, window)
-        if gold:
+        trajs = trajectories(runs, axis, metric, window)  # runs without KL have none
+        colours = value_colours([g[axis] for g in groups])  # every finished setting, one colour in all plots
+        if gold and trajs:
             images.append(("Proxy vs gold score (over-optimisation)", plot_overoptimisation(
                 trajectories(runs, axis, "score", window), trajs, axis,
-                os.path.join(out_dir, "overoptimisation.png"))))
+                os.path.join(out_dir, "overoptimisation.png"), colours)))
         bon = None
         if bon_path is None and os.path.exists(os.path.join(sweep_dir, "best_of_n.csv")):
             bon_path = os.path.join(sweep_dir, "best_of_n.csv")
@@ -681,7 +745,8 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
                 fit_lines.append(_fit_line("BoN", bon_fit, f"n = 1 … {bon[-1]['n']}, mean over seeds"))
             fit_lines.append(frontier_verdict(final_residuals(trajs, rl_fit), axis))
             images.append(("Gain vs sqrt(KL): best-of-n and RL", plot_bon_vs_rl(
-                trajs, rl_fit, axis, os.path.join(out_dir, "frontier_fit.png"), bon, bon_fit, metric)))
+                trajs, rl_fit, axis, os.path.join(out_dir, "frontier_fit.png"), bon, bon_fit, metric,
+                colours)))
     files += [p for _, p in images]
     files.append(_write_markdown(os.path.join(out_dir, "report.md"), sweep_dir, axis, gold, window, runs, rows,
                                  groups, summary, fit_lines, images, bon))

@@ -20,8 +20,10 @@ from rlhf.report import (
     frontier_verdict,
     group_rows,
     kl_monotone,
+    no_kl_note,
     read_metrics,
     run_row,
+    runs_without_kl,
     start_values,
     trajectories,
     write_report,
@@ -172,15 +174,22 @@ def test_frontier_verdict_compares_residuals_with_the_seed_spread():
 
 
 # ------------------------------------------------------------------------------------------------ job folders
-def _fake_job(root, name, beta, seed, steps, max_steps, checkpoint=True, kl=lambda i: float(i), gold=True):
+def _fake_job(root, name, beta, seed, steps, max_steps, checkpoint=True, kl=lambda i: float(i), gold=True,
+              kl_cfg=None):
+    """A job folder as train_policy.py writes it. ``kl=None`` logs ``"kl": null`` as the trainer does when it
+    loads no reference (beta = 0 with kl.log_at_zero_beta off), with reward = score; ``kl_cfg`` adds to the
+    config's ``kl`` section."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     cfg = {"seed": seed, "run_dir": "${hydra:runtime.output_dir}",
-           "kl": {"beta": beta, "controller": "fixed", "target": 6.0}, "trainer": {"max_steps": max_steps}}
+           "kl": {"beta": beta, "controller": "fixed", "target": 6.0, **(kl_cfg or {})},
+           "trainer": {"max_steps": max_steps}}
     (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     with open(job / "metrics.jsonl", "w") as f:
         for i in range(steps):
-            row = {"step": i, "score": 0.1 * i, "kl": kl(i), "beta": beta, "reward": 0.1 * i - beta * kl(i)}
+            k = None if kl is None else kl(i)
+            row = {"step": i, "score": 0.1 * i, "kl": k, "beta": beta,
+                   "reward": 0.1 * i - (0.0 if k is None else beta * k)}
             if gold:
                 row["gold_score"] = 0.05 * i
             f.write(json.dumps(row) + "\n")
@@ -223,6 +232,119 @@ def test_trajectories_and_residuals(tmp_path):
     res = final_residuals(trajs, fit)
     assert sorted(res) == [0.0, 0.1]
     assert res[0.0][0] == pytest.approx(0.125 - frontier_curve([math.sqrt(6.5)], fit)[0])
+
+
+# ---------------------------------------------------------------------------------------- beta = 0 without KL
+NOTE = ("note: 0_beta=0_seed=0 (beta=0) logged no KL: it ran with kl.log_at_zero_beta=false, so it is not on "
+        "the frontier; rerun it with kl.log_at_zero_beta=true")
+
+
+def _plain_sweep(root, zero_logs_kl):
+    """What ``train_policy.py -m kl.beta=0,0.1,0.3 seed=0,1`` leaves, 6 steps a job. With ``zero_logs_kl``
+    False the beta = 0 job of seed 0 ran with kl.log_at_zero_beta=false and logged ``"kl": null``, and its
+    seed-1 twin ran with the flag on (so the beta = 0 setting keeps one KL); the other jobs logged KL."""
+    _fake_job(root, "0_beta=0_seed=0", 0.0, 0, 6, 6, kl=(lambda i: 2.0 * i) if zero_logs_kl else None,
+              kl_cfg={"log_at_zero_beta": zero_logs_kl})
+    _fake_job(root, "1_beta=0_seed=1", 0.0, 1, 6, 6, kl=lambda i: 2.0 * i, kl_cfg={"log_at_zero_beta": True})
+    for n, (beta, scale) in enumerate([(0.1, 1.0), (0.3, 0.4)]):
+        for seed in (0, 1):
+            _fake_job(root, f"{2 + 2 * n + seed}_beta={beta}_seed={seed}", beta, seed, 6, 6,
+                      kl=lambda i, c=scale * (1.0 + 0.2 * seed): c * i, kl_cfg={"log_at_zero_beta": False})
+    return root
+
+
+def _report(sweep, out, capsys, *extra):
+    _load_script("report").main([str(sweep), "--out", str(out), "--window", "2", *extra])
+    return capsys.readouterr().out
+
+
+def test_report_keeps_a_beta0_run_without_kl_marks_it_and_leaves_it_off_the_frontier(tmp_path, capsys):
+    sweep = _plain_sweep(tmp_path / "sweep", zero_logs_kl=False)
+    out = tmp_path / "report"
+    stdout = _report(sweep, out, capsys, "--kl-budget", "1")
+    md = (out / "report.md").read_text()
+    # one note line, in stdout and in report.md, naming the run and the flag
+    for text, prefix in ((stdout, ""), (md, "- ")):
+        lines = [line for line in text.splitlines() if "0_beta=0_seed=0" in line and "KL" in line]
+        assert lines == [prefix + NOTE]
+        assert text.count("logged no KL:") == 1  # its seed-1 twin logged KL: no note for it
+    # kept in the tables with its scores (last 2 steps: score (0.4 + 0.5) / 2, gold half that, reward = score)
+    rows = _read_csv(out / "report.csv")
+    assert [r["job"] for r in rows] == ["0_beta=0_seed=0", "1_beta=0_seed=1", "2_beta=0.1_seed=0",
+                                        "3_beta=0.1_seed=1", "4_beta=0.3_seed=0", "5_beta=0.3_seed=1"]
+    assert rows[0]["kl"] == "n/a" and rows[0]["status"] == "finished"
+    assert (float(rows[0]["score"]), float(rows[0]["gold_score"]), float(rows[0]["reward"])) == \
+        pytest.approx((0.45, 0.225, 0.45))
+    assert float(rows[1]["kl"]) == pytest.approx(9.0)  # 2 * (4 + 5) / 2
+    assert "| 0 | 0 | finished | 6/6 | 0.450 | n/a | 0.450 | 0.225 | `0_beta=0_seed=0` |" in md
+    assert "| 0 | 1 | finished | 6/6 | 0.450 | 9.00 | 0.450 | 0.225 | `1_beta=0_seed=1` |" in md
+    # beta = 0 keeps a mean KL, from seed 1 only: 9; beta = 0.1: (4.5 + 5.4) / 2; beta = 0.3: (1.8 + 2.16) / 2
+    assert "Mean final KL decreases monotonically as β grows (9.00, 4.95, 1.98 nats)." in stdout
+    assert "the lowest mean final KL is 1.98 at β = 0.3." in stdout
+    # the fits use the 5 runs with KL: 3 blocks of 2 steps each
+    runs = collect_runs(str(sweep))
+    assert [r.name for r in runs_without_kl(runs)] == ["0_beta=0_seed=0"]
+    trajs = trajectories(runs, "beta", "gold_score", window=2)
+    assert "0_beta=0_seed=0" not in [t.run.name for t in trajs] and len(trajs) == 5
+    assert "RL fit: α = " in stdout and "(15 points: 5 runs x block means of 2 steps)." in stdout
+    for name in ("frontier.png", "curves.png", "overoptimisation.png", "frontier_fit.png"):
+        _assert_png(out / name)
+
+
+def test_report_without_kl_for_a_whole_setting(tmp_path, capsys):
+    sweep = _plain_sweep(tmp_path / "sweep", zero_logs_kl=False)
+    shutil.rmtree(sweep / "1_beta=0_seed=1")  # now no beta = 0 run has KL
+    out = tmp_path / "report"
+    stdout = _report(sweep, out, capsys, "--kl-budget", "1")
+    assert stdout.splitlines()[0] == NOTE
+    assert "| 0 | 1 | 0.450 | n/a | 0.450 | 0.225 |" in (out / "report.md").read_text()  # the group table
+    assert "Best gold score: β = 0 (gold_score 0.225, no KL logged, 1 seeds)." in stdout
+    assert "Mean final KL decreases monotonically as β grows (4.95, 1.98 nats, settings without KL left " \
+        "out)." in stdout
+    assert "(12 points: 4 runs x block means of 2 steps)." in stdout
+    _assert_png(out / "frontier.png")
+
+
+def test_report_when_no_run_logged_kl(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for seed in (0, 1):
+        _fake_job(sweep, f"{seed}_beta=0_seed={seed}", 0.0, seed, 6, 6, kl=None,
+                  kl_cfg={"log_at_zero_beta": False})
+    out = tmp_path / "report"
+    stdout = _report(sweep, out, capsys, "--kl-budget", "5")
+    notes = [line for line in stdout.splitlines() if line.startswith("note: ")]
+    assert notes == [NOTE, NOTE.replace("0_beta=0_seed=0", "1_beta=0_seed=1")]
+    assert "No run logged KL: the tables list scores only, with no frontier plot or fit." in stdout
+    assert "No β logged KL, so the KL budget of 5 nats cannot be checked." in stdout
+    assert [r["kl"] for r in _read_csv(out / "report.csv")] == ["n/a", "n/a"]
+    md = (out / "report.md").read_text()
+    assert "| 0 | 2 | 0.450 ± 0.000 | n/a | 0.450 ± 0.000 | 0.225 ± 0.000 |" in md
+    assert "| 0 | 1 | finished | 6/6 | 0.450 | n/a | 0.450 | 0.225 | `1_beta=0_seed=1` |" in md
+    assert "RL fit" not in md
+    assert not (out / "frontier.png").exists() and not (out / "frontier_fit.png").exists()
+    _assert_png(out / "curves.png")
+
+
+def test_report_gives_no_note_when_beta0_logged_kl(tmp_path, capsys):
+    sweep = _plain_sweep(tmp_path / "sweep", zero_logs_kl=True)
+    out = tmp_path / "report"
+    stdout = _report(sweep, out, capsys)
+    md = (out / "report.md").read_text()
+    assert "note:" not in stdout and "note:" not in md and "n/a" not in md
+    assert float(_read_csv(out / "report.csv")[0]["kl"]) == pytest.approx(9.0)
+    assert "(18 points: 6 runs x block means of 2 steps)." in stdout
+
+
+@pytest.mark.parametrize("kl_cfg, says", [
+    ({"log_at_zero_beta": False}, "kl.log_at_zero_beta=false,"),
+    ({}, "kl.log_at_zero_beta=false,"),  # a config written before the flag existed
+    ({"log_at_zero_beta": None}, "kl.log_at_zero_beta=null (auto)"),  # "auto" outside a multirun
+])
+def test_no_kl_note_names_the_flag_as_configured(tmp_path, kl_cfg, says):
+    _fake_job(tmp_path, "7_beta=0_seed=3", 0.0, 3, 2, 2, kl=None, kl_cfg=kl_cfg)
+    note = no_kl_note(collect_runs(str(tmp_path))[0])
+    assert note.startswith("note: 7_beta=0_seed=3 (beta=0) logged no KL: it ran with ") and says in note
+    assert note.endswith("rerun it with kl.log_at_zero_beta=true")
 
 
 # ------------------------------------------------------------------------------------------------ a real sweep
