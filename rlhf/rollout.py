@@ -14,7 +14,9 @@ Every mask is explicit; nothing downstream infers positions from pad ids.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -224,15 +226,62 @@ def reward_model_scores(reward_model: PreTrainedModel, policy_tokenizer: PreTrai
     return sequence_scores(reward_model, enc["input_ids"].to(device), enc["attention_mask"].to(device))
 
 
-def call_reward_function(fn: Callable, name: str, prompts: list[str], completions: list[str]) -> torch.Tensor:
+def _call_with_timeout(fn: Callable, args: tuple, timeout_s: float):
+    """``fn(*args)`` in a daemon thread, waited for at most ``timeout_s`` seconds.
+
+    Returns ``(finished, result)``; an exception ``fn`` raised is re-raised here, in the caller's thread. A daemon
+    thread (not a ThreadPoolExecutor, whose workers are joined at exit) lets the process exit while a call that
+    never returns is still running. The caller's thread-local torch state (grad and inference mode, the current CUDA
+    device) and its context variables are carried into the thread, so the function runs as it would directly.
+    """
+    box: list = []  # [("ok", result)] or [("err", exception)], set by the thread before it ends
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    ctx = contextvars.copy_context()
+
+    def target():
+        try:
+            if device is not None:
+                torch.cuda.set_device(device)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                box.append(("ok", ctx.run(fn, *args)))
+        except BaseException as e:  # handed to the caller, which re-raises it
+            box.append(("err", e))
+
+    thread = threading.Thread(target=target, name=f"reward:{getattr(fn, '__name__', 'fn')}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not box:
+        return False, None
+    kind, value = box[0]
+    if kind == "err":
+        try:
+            raise value
+        finally:
+            del value, box  # no reference cycle through the traceback
+    return True, value
+
+
+def call_reward_function(fn: Callable, name: str, prompts: list[str], completions: list[str],
+                         timeout_s: float | None = None, key: str = "reward.function") -> torch.Tensor:
     """Run ``fn(prompts, completions)`` and check what it returns: ``(N,)`` float32 tensor.
 
     Any failure (it raised; wrong length; not numbers; NaN or inf) is a RewardFunctionError naming ``name``.
+    With ``timeout_s`` (seconds), a call that has not returned by then is a RewardFunctionError too, starting with
+    the config ``key`` that named the function (``reward.function`` or ``reward.gold``); the call is left running
+    in a daemon thread, which does not keep the process alive. ``timeout_s=None`` calls ``fn`` directly.
     """
+    finished = True
     try:
-        out = fn(prompts, completions)
+        if timeout_s is None:
+            out = fn(prompts, completions)
+        else:
+            finished, out = _call_with_timeout(fn, (prompts, completions), timeout_s)
     except Exception as e:
         raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    if not finished:
+        raise RewardFunctionError(f"{key}: reward function {name} did not return within reward.timeout_s="
+                                  f"{timeout_s:g} s (it may hang); fix it or raise reward.timeout_s")
     if isinstance(out, torch.Tensor):
         out = out.detach().float().cpu().reshape(-1).tolist()
     if not isinstance(out, (list, tuple)):
@@ -264,6 +313,9 @@ def score_responses(reward_model: PreTrainedModel | None, tokenizer: PreTrainedT
     import contextlib
 
     dev = response_ids.device
+    # reward.timeout_s (seconds, None = no limit) bounds each call of reward.function and reward.gold; a reward
+    # section without the field (an older or hand-built config) means no limit.
+    timeout_s = getattr(reward_cfg, "timeout_s", None)
     completions = decode_responses(tokenizer, response_ids, response_mask)
     scores = torch.zeros(len(completions), device=dev)
     if reward_model is not None:
@@ -272,7 +324,8 @@ def score_responses(reward_model: PreTrainedModel | None, tokenizer: PreTrainedT
                                      response_mask, prompts, completions)
         scores = scores + reward_cfg.model_weight * rm.float()
     if reward_fn is not None:
-        fn_scores = call_reward_function(reward_fn, reward_cfg.function, prompts, completions)
+        fn_scores = call_reward_function(reward_fn, reward_cfg.function, prompts, completions, timeout_s,
+                                         key="reward.function")
         scores = scores + reward_cfg.function_weight * fn_scores.to(dev)
     if reward_cfg.missing_eos_penalty is not None:
         ended = has_eos(response_ids, response_mask, tokenizer.eos_token_id)
@@ -281,5 +334,6 @@ def score_responses(reward_model: PreTrainedModel | None, tokenizer: PreTrainedT
         scores = scores.clamp(-reward_cfg.clip, reward_cfg.clip)
     gold = None
     if gold_fn is not None:
-        gold = call_reward_function(gold_fn, reward_cfg.gold, prompts, completions).to(dev)
+        gold = call_reward_function(gold_fn, reward_cfg.gold, prompts, completions, timeout_s,
+                                    key="reward.gold").to(dev)
     return scores, gold, completions
