@@ -16,10 +16,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.config import ConfigError
     from rlhf.models import ModelSpecError
     from rlhf.rollout import RewardFunctionError
+    from rlhf.runlock import RunDirBusy
+    from rlhf.runtime import BackendMismatch
     from rlhf.trainer import TrainingError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, CheckpointWriteError, ModelSpecError,
-                                         RewardFunctionError, TrainingError]
+    errors: list[type[BaseException]] = [BackendMismatch, ConfigError, CheckpointError, CheckpointWriteError,
+                                         ModelSpecError, RewardFunctionError, RunDirBusy, TrainingError]
     try:
         from rlhf.data import DataError
 
@@ -64,12 +66,21 @@ def one_line_hydra_errors(entry):
 
     Hydra prints that report itself unless HYDRA_FULL_ERROR=1, in which case it raises; the wrapper sets it for the
     call and catches the composition errors. Anyone who set HYDRA_FULL_ERROR=1 still gets Hydra's traceback.
-    Usage: ``one_line_hydra_errors(main)()`` under ``if __name__ == "__main__":``.
+    Before Hydra writes into an explicit ``hydra.run.dir``, a folder that another live run holds stops the command
+    (rlhf.runlock.check_run_dir_free). Usage: ``one_line_hydra_errors(main)()`` under ``if __name__ == "__main__":``.
     """
 
     @functools.wraps(entry)
     def wrapper(*args, **kwargs):
         from hydra.errors import ConfigCompositionException, OverrideParseException
+
+        from rlhf.runlock import RunDirBusy, check_run_dir_free
+
+        try:
+            check_run_dir_free(sys.argv[1:])
+        except RunDirBusy as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
         user_wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
         os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -39,6 +39,7 @@ from rlhf.config import REWARD_OBJECTIVES
 from rlhf.losses import binary_cross_entropy_with_logits, huber, mae, mse
 from rlhf.models import sequence_scores
 from rlhf.objectives import bradley_terry_loss, preference_accuracy
+from rlhf.runlock import locked_run_dir
 from rlhf.runtime import make_accelerator
 from rlhf.sft import FINAL_DIR, Batch, fit, num_rows, save_final, strided_rows, take
 
@@ -314,16 +315,22 @@ def train_reward(cfg: DictConfig, accelerator: Accelerator | None = None) -> lis
     Writes ``metrics.jsonl`` and ``<run_dir>/final`` (model + tokenizer, for ``model.reward=``); returns the
     metric lines.
     """
-    from rlhf.models import load_tokenizer
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    acc = accelerator or make_accelerator(cfg.trainer)
+    with locked_run_dir(acc, cfg.run_dir):  # one writer per run folder, before anything loads (rlhf.runlock)
+        return _train_reward(cfg, acc)
 
-    t, d = cfg.trainer, cfg.data
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
-    acc = accelerator or make_accelerator(t)
+
+def _train_reward(cfg: DictConfig, acc: Accelerator) -> list[dict]:
+    from rlhf.models import check_tokenizer_fits, load_tokenizer
+
+    d = cfg.data
     torch.manual_seed(cfg.seed)
     train_rows = load_reward_rows(cfg, d.train_split, eval_split=False)                 # 1. data
     eval_rows = load_reward_rows(cfg, d.eval_split, eval_split=True) if d.num_eval != 0 else None
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init)
+    check_tokenizer_fits(tokenizer, cfg.model.init, cfg.model.tokenizer, model_key="model.init")
     encode = encode_pairs if cfg.objective == "pairwise" else encode_labelled
     train = encode(train_rows, tokenizer, d.max_length)
     held_out = encode(eval_rows, tokenizer, d.max_length) if eval_rows is not None else None

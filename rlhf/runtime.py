@@ -15,15 +15,62 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from omegaconf import DictConfig
 
+LAUNCHER_WORLD_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "LOCAL_WORLD_SIZE")
+"""Environment variables in which torchrun / accelerate launch, MPI and friends say how many processes they
+started (LOCAL_WORLD_SIZE only counts one machine's, so it is read last, as a lower bound)."""
+
+
+class BackendMismatch(RuntimeError):
+    """The launcher started several processes but the Accelerator would run each alone. One line: cause and fix."""
+
+
+def launched_world_size(env: dict | None = None) -> int:
+    """How many processes the launcher started, from its environment variables; 1 when not launched."""
+    env = os.environ if env is None else env
+    for var in LAUNCHER_WORLD_VARS:
+        value = env.get(var)
+        if value and value.strip().isdigit():
+            return int(value)
+    return 1
+
+
+def has_accelerator_device() -> bool:
+    """True when torch sees a GPU (CUDA/ROCm) or another accelerator backend that accelerate can run processes on."""
+    if torch.cuda.is_available():
+        return True
+    acc = getattr(torch, "accelerator", None)
+    return bool(acc is not None and acc.is_available() and acc.current_accelerator().type != "mps")
+
+
+def wants_cpu(cpu: bool, world: int, device_present: bool) -> bool:
+    """Whether the Accelerator must run on the CPU: asked for (``trainer.cpu``), or several processes were launched
+    on a machine with no accelerator, where the only backend that can join them is the CPU's (gloo)."""
+    return cpu or (world > 1 and not device_present)
+
 
 def make_accelerator(t: DictConfig) -> Accelerator:
     """The Accelerator of a stage from its ``trainer`` config (``cpu``, ``mixed_precision``, ``dist_timeout_s``).
 
     ``dist_timeout_s`` bounds how long a process waits in a collective, so a stuck rank fails the job instead of
-    hanging it.
+    hanging it. When the launcher started N > 1 processes on a machine without an accelerator, the CPU (gloo)
+    backend is chosen without ``trainer.cpu=true`` (else accelerate would run N independent single-process runs
+    into one run folder); if the Accelerator still sees another number of processes than were launched, every
+    process stops with BackendMismatch.
     """
-    return Accelerator(cpu=t.cpu, mixed_precision=t.mixed_precision,
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
+    world = launched_world_size()
+    device_present = has_accelerator_device()
+    cpu = wants_cpu(t.cpu, world, device_present)
+    if cpu and not t.cpu and int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger(__name__).info("%d processes launched and no GPU: running them on the CPU (gloo backend)",
+                                         world)
+    acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
+    if world > 1 and acc.num_processes != world:
+        raise BackendMismatch(
+            f"trainer.cpu: the launcher started {world} processes but each sees {acc.num_processes} "
+            f"({acc.distributed_type.name} on {acc.device}), so each would train alone into one run folder; launch "
+            "with a config that matches this machine (configs/accelerate/), or set trainer.cpu=true for gloo")
+    return acc
 
 
 def clip_and_step(acc: Accelerator, optimizer: torch.optim.Optimizer, scheduler,

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from rlhf.losses import lm_loss, perplexity
+from rlhf.runlock import locked_run_dir
 from rlhf.runtime import clip_and_step, make_accelerator
 from rlhf.tracking import MetricsLogger
 
@@ -341,16 +342,22 @@ def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[d
 
     Writes ``metrics.jsonl`` and the model + tokenizer folder ``<run_dir>/final``.
     """
+    if cfg.trainer.torch_threads:
+        torch.set_num_threads(cfg.trainer.torch_threads)
+    acc = accelerator or make_accelerator(cfg.trainer)
+    with locked_run_dir(acc, cfg.run_dir):  # one writer per run folder, before anything loads (rlhf.runlock)
+        return _train_sft(cfg, acc)
+
+
+def _train_sft(cfg: DictConfig, acc: Accelerator) -> list[dict]:
     from rlhf.data import tokenize_sft
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import check_tokenizer_fits, load_causal_lm, load_tokenizer
 
     t, d = cfg.trainer, cfg.data
-    if t.torch_threads:
-        torch.set_num_threads(t.torch_threads)
-    acc = accelerator or make_accelerator(t)
     torch.manual_seed(cfg.seed)
     train_rows, eval_rows = load_sft_splits(cfg)                                         # 1. data
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.init)
+    check_tokenizer_fits(tokenizer, cfg.model.init, cfg.model.tokenizer, model_key="model.init")
     train = tokenize_sft(train_rows, tokenizer, d.max_length, d.completion_only, d.add_eos)
     held_out = tokenize_sft(eval_rows, tokenizer, d.max_length, d.completion_only, d.add_eos) \
         if eval_rows is not None else None

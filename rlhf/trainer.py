@@ -48,6 +48,7 @@ from rlhf.models import (
     BUILTIN_ARCHS,
     BUILTIN_PREFIX,
     Models,
+    check_tokenizer_fits,
     freeze,
     is_builtin,
     load_causal_lm,
@@ -66,6 +67,7 @@ from rlhf.rollout import (
     response_values,
     score_responses,
 )
+from rlhf.runlock import lock_run_dir
 from rlhf.runtime import (
     clip_and_step,
     gathered_for_generation,
@@ -128,11 +130,23 @@ class PolicyTrainer:
             torch.set_num_threads(t.torch_threads)
         self.acc = accelerator or make_accelerator(t)
         self.run_dir = self._shared_run_dir(cfg.run_dir)
+        # One writer per run folder, taken before anything loads or is written (rlhf.runlock); train() releases it.
+        self.run_lock = lock_run_dir(self.acc, self.run_dir)
+        try:
+            self._setup()
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _setup(self) -> None:
+        """Everything a run needs before its first step: checkpoint to resume, prompts, models, optimizer, engine."""
+        cfg, t = self.cfg, self.cfg.trainer
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
         self.resume_from = self._resolve_resume(t.resume)
 
         # Data problems are found before any weights load: prompts and their lengths need only the tokenizer.
         tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
+        check_tokenizer_fits(tokenizer, cfg.model.policy, cfg.model.tokenizer)
         self.prompts = self._load_prompts()
         self._check_prompt_lengths(tokenizer)
         self.models = self._load_models(tokenizer)
@@ -257,8 +271,10 @@ class PolicyTrainer:
                                else load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed))
         reward = reward_tok = None
         if m.reward is not None:
-            reward = freeze(load_score_model(m.reward, tok, m.dtype, seed=cfg.seed))
             reward_tok = load_tokenizer(m.reward_tokenizer or m.reward, padding_side="right")
+            check_tokenizer_fits(reward_tok, m.reward, m.reward_tokenizer, "model.reward_tokenizer", "model.reward")
+            # A built-in reward model is built for the tokenizer that feeds it, which is its own.
+            reward = freeze(load_score_model(m.reward, reward_tok, m.dtype, seed=cfg.seed))
             if same_tokenizer(tok, reward_tok):
                 reward_tok = None
         value = None
@@ -481,6 +497,7 @@ class PolicyTrainer:
             if self.engine is not None:
                 self.engine.close()
             self._restore_signal_handlers(old_handlers)
+            self.run_lock.release()
         return history
 
     def train_step(self, step: int) -> dict:
