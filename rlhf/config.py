@@ -9,6 +9,7 @@ runs before any model loads.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,15 +17,29 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A config that cannot run. The message is one line and starts with the offending key."""
 
 
+AUTO = "auto"
+"""``reward.function`` / ``reward.gold`` value: the built-in task's function when the prompts are a built-in task's
+(``data.prompts=builtin:<task>``), else none."""
+
+# Learning rates that fields left null get (resolve_policy_defaults, resolve_stage_defaults). A random-init built-in
+# model learns the built-in task only with a high rate; the same rate destroys a pretrained model in a few steps, which
+# gets the rates that TRL, OpenRLHF and veRL use for RL (1e-6; a fresh critic head needs more) and for SFT / reward
+# models (2e-5 / 1e-5).
+RANDOM_INIT_LR = {"policy": 1e-3, "value": 1e-3, "sft": 3e-3, "reward": 1e-3}
+PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5}
+
+
 @dataclass
 class ModelConfig:
     policy: str = MISSING
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # null = the policy's own
     reward: str | None = None
     reward_tokenizer: str | None = None
     value: str | None = None
@@ -52,12 +67,13 @@ class DataConfig:
 
 @dataclass
 class RewardConfig:
-    function: str | None = None
+    function: str | None = AUTO
     function_weight: float = 1.0
     model_weight: float = 1.0
-    gold: str | None = None
+    gold: str | None = AUTO
     missing_eos_penalty: float | None = None
     clip: float | None = None
+    timeout_s: float | None = 600.0
 
 
 @dataclass
@@ -92,7 +108,7 @@ class KLConfig:
     controller: str = "fixed"
     target: float = 6.0
     horizon: int = 10000
-    log_at_zero_beta: bool = False
+    log_at_zero_beta: bool | None = None  # null = auto (resolve_policy_defaults)
 
 
 @dataclass
@@ -102,8 +118,8 @@ class TrainerConfig:
     minibatches: int = 1
     grad_accum: int = 1
     shuffle: str = "process"
-    lr: float = 1e-5
-    value_lr: float = 1e-5
+    lr: float | None = None  # null = by the policy (resolve_policy_defaults)
+    value_lr: float | None = None
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
@@ -189,8 +205,66 @@ def import_function(path: str, key: str):
     return fn
 
 
-def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
-    """Type-check and value-check a composed policy config. Returns the typed, resolved config.
+def _multirun_sets(key: str) -> bool:
+    """True inside a Hydra multirun job whose overrides set ``key`` (e.g. ``-m kl.beta=0,0.1,1``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and any(
+        o.split("=", 1)[0].lstrip("+~") == key for o in hc.overrides.task)
+
+
+def resolve_policy_defaults(cfg: DictConfig, multirun_sets_beta: bool = False) -> list[str]:
+    """Fill the fields whose default depends on the rest of the config, in place; returns ``key=value`` for each
+    filled field, to be reported.
+
+    - ``trainer.lr`` / ``trainer.value_lr`` null: RANDOM_INIT_LR for a random-init built-in policy
+      (``builtin:tiny``, ...), PRETRAINED_LR for anything else (a folder, a hub id, ``builtin:smollm2``).
+    - ``reward.function`` / ``reward.gold`` ``auto``: the built-in task's functions when ``data.prompts`` is
+      ``builtin:<task>`` (rlhf.tasks.BUILTIN_TASKS), else null: a user's prompts never get the built-in scorer.
+    - ``kl.log_at_zero_beta`` null: true in a Hydra multirun that sets ``kl.beta`` (its beta = 0 job is the
+      unpenalised end of the frontier and needs its KL), false otherwise (a lone beta = 0 run loads no reference).
+    """
+    from rlhf.models import is_random_init
+    from rlhf.tasks import builtin_task
+
+    filled = []
+    rates = RANDOM_INIT_LR if is_random_init(cfg.model.policy) else PRETRAINED_LR
+    for key, which in (("lr", "policy"), ("value_lr", "value")):
+        if cfg.trainer[key] is None:
+            cfg.trainer[key] = rates[which]
+            if which == "policy" or cfg.algorithm.critic:  # a critic-free run never uses value_lr
+                filled.append(f"trainer.{key}={rates[which]:g}")
+    task = builtin_task(cfg.data.prompts)
+    for key in ("function", "gold"):
+        if cfg.reward[key] == AUTO:
+            cfg.reward[key] = task[key] if task is not None else None
+            if cfg.reward[key] is not None:
+                filled.append(f"reward.{key}={cfg.reward[key]}")
+    if cfg.kl.log_at_zero_beta is None:
+        cfg.kl.log_at_zero_beta = bool(multirun_sets_beta)
+    return filled
+
+
+def pretrained_defaults_line(cfg: DictConfig, filled: list[str]) -> str | None:
+    """The one line a run with a pretrained policy prints about the defaults it was given, or None for a random-init
+    built-in policy (whose defaults are the built-in task's by design)."""
+    from rlhf.models import is_random_init
+
+    if is_random_init(cfg.model.policy):
+        return None
+    used = [*filled, *([f"data.prompts={cfg.data.prompts}"] if cfg.data.prompts.startswith("builtin:") else [])]
+    return (f"model.policy {cfg.model.policy} is pretrained; defaults in use: {', '.join(used) or 'none'} "
+            "(set any of them to override)")
+
+
+def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_beta: bool | None = None
+                           ) -> DictConfig:
+    """Type-check and value-check a composed policy config. Returns the typed, resolved config, with the
+    config-dependent defaults filled (resolve_policy_defaults). ``multirun_sets_beta`` None: read from Hydra.
 
     Raises ConfigError with a message ``"<key>: <problem>"``.
     """
@@ -203,6 +277,14 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     from rlhf.vllm_engine import ENGINES, VLLMUnavailable, require_vllm
 
     cfg = _typed(cfg, PolicyConfig)
+    for key in ("policy", "tokenizer"):
+        if cfg.model[key] is not None:
+            try:
+                check_spec(cfg.model[key], f"model.{key}")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    filled = resolve_policy_defaults(cfg, _multirun_sets("kl.beta") if multirun_sets_beta is None
+                                     else multirun_sets_beta)
     r, k, t, a = cfg.rollout, cfg.kl, cfg.trainer, cfg.algorithm
 
     _check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
@@ -269,9 +351,15 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
 
     _check_choice(cfg.model.dtype, "model.dtype", list(DTYPES))
     _check(cfg.model.reward is not None or cfg.reward.function is not None, "reward.function",
-           "no reward: set model.reward or reward.function")
+           f"no reward: set model.reward or reward.function (auto gives a built-in task's reward only with "
+           f"data.prompts=builtin:<task>, not {cfg.data.prompts!r})")
+    _check_tokenizer_pairing(cfg.model.policy, cfg.model.tokenizer, "model.tokenizer", "model.policy")
+    if cfg.model.reward is not None:
+        _check_tokenizer_pairing(cfg.model.reward, cfg.model.reward_tokenizer, "model.reward_tokenizer",
+                                 "model.reward")
+    _check(cfg.reward.timeout_s is None or cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 or null")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
-    for key in ("policy", "tokenizer", "reward", "reward_tokenizer", "value"):
+    for key in ("reward", "reward_tokenizer", "value"):  # policy and tokenizer: checked first
         spec = cfg.model[key]
         if spec is not None and not (key == "value" and spec == "policy"):
             try:
@@ -285,7 +373,27 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     for key in ("function", "gold"):
         if cfg.reward[key] is not None:
             import_function(cfg.reward[key], f"reward.{key}")
+    line = pretrained_defaults_line(cfg, filled)
+    if line is not None and int(os.environ.get("RANK", "0")) == 0:
+        log.info(line)
     return cfg
+
+
+def _check_tokenizer_pairing(model_spec: str, tok_spec: str | None, tok_key: str, model_key: str) -> None:
+    """A word-level built-in tokenizer drives only a random-init built-in model, which is built with that tokenizer's
+    vocabulary; beside a pretrained model it would turn every prompt into ``<unk>`` and the model's output into the
+    built-in lexicon. (Vocabulary sizes are compared once the tokenizer loads: rlhf.models.check_tokenizer_fits.)"""
+    from rlhf.models import ModelSpecError, check_has_tokenizer, is_builtin, is_random_init
+
+    if tok_spec is None:
+        try:
+            check_has_tokenizer(model_spec, model_key, tok_key)
+        except ModelSpecError as e:
+            raise ConfigError(str(e)) from None
+    elif is_builtin(tok_spec) and not is_random_init(model_spec):
+        raise ConfigError(f"{tok_key}: {tok_spec} is the built-in task's word tokenizer and {model_key} "
+                          f"{model_spec} is a pretrained model with its own; set {tok_key}=null to use the model's "
+                          "tokenizer")
 
 
 def _check_one_label(spec: str | None, key: str) -> None:
@@ -317,7 +425,7 @@ class SupervisedTrainerConfig:
     batch_size: int = MISSING
     eval_batch_size: int = 256
     eval_every: int = 50
-    lr: float = MISSING
+    lr: float | None = None  # null = by the init model (resolve_stage_defaults)
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
@@ -411,6 +519,22 @@ def _check_stage_model(m: DictConfig) -> None:
                 check_spec(m[key], f"model.{key}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    _check_tokenizer_pairing(m.init, m.tokenizer, "model.tokenizer", "model.init")
+
+
+def resolve_stage_defaults(cfg: DictConfig, stage: str) -> list[str]:
+    """SFT or reward stage (``stage`` "sft" / "reward"): ``trainer.lr`` null becomes RANDOM_INIT_LR[stage] for a
+    random-init built-in ``model.init``, else PRETRAINED_LR[stage]. Returns ``key=value`` for each filled field."""
+    from rlhf.models import is_random_init
+
+    if cfg.trainer.lr is not None:
+        return []
+    cfg.trainer.lr = (RANDOM_INIT_LR if is_random_init(cfg.model.init) else PRETRAINED_LR)[stage]
+    filled = [f"trainer.lr={cfg.trainer.lr:g}"]
+    if not is_random_init(cfg.model.init) and int(os.environ.get("RANK", "0")) == 0:
+        log.info("model.init %s is pretrained; defaults in use: %s (set any of them to override)", cfg.model.init,
+                 ", ".join(filled))
+    return filled
 
 
 def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
@@ -420,7 +544,7 @@ def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
            f"{t.batch_size} rows do not split over {world_size} processes")
     _check(t.eval_batch_size > 0, "trainer.eval_batch_size", "must be > 0")
     _check(t.eval_every >= 0, "trainer.eval_every", "must be >= 0 (0 = only before and after training)")
-    _check(t.lr > 0, "trainer.lr", "must be > 0")
+    _check(t.lr is None or t.lr > 0, "trainer.lr", "must be > 0")
     _check(t.weight_decay >= 0, "trainer.weight_decay", "must be >= 0")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
            "must be two numbers in [0, 1)")
@@ -459,6 +583,7 @@ def validate_sft_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """
     cfg = _typed(cfg, SFTConfig)
     _check_stage_model(cfg.model)
+    resolve_stage_defaults(cfg, "sft")
     _check_supervised_trainer(cfg.trainer, world_size)
     _check_stage_data(cfg.data)
     _check_choice(cfg.data.format, "data.format", SFT_FORMATS)
@@ -473,6 +598,7 @@ def validate_reward_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     cfg = _typed(cfg, RewardTrainingConfig)
     _check_choice(cfg.objective, "objective", REWARD_OBJECTIVES)
     _check_stage_model(cfg.model)
+    resolve_stage_defaults(cfg, "reward")
     _check_supervised_trainer(cfg.trainer, world_size)
     _check_stage_data(cfg.data)
     d, loss = cfg.data, cfg.loss

@@ -110,6 +110,45 @@ def is_builtin(spec: str | None) -> bool:
     return isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX)
 
 
+def is_random_init(spec: str | None) -> bool:
+    """True for a built-in architecture with random weights (``builtin:tiny``); False for a folder, a hub id and a
+    packaged pretrained model (``builtin:smollm2``)."""
+    return is_builtin(spec) and spec[len(BUILTIN_PREFIX):] in BUILTIN_ARCHS
+
+
+def _own_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens the tokenizer brought, without a ``<pad>`` that load_tokenizer added (the model is resized for it)."""
+    return len(tokenizer) - int(getattr(tokenizer, "rlhf_added_pad", False))
+
+
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_spec: str, tok_spec: str | None,
+                         key: str = "model.tokenizer", model_key: str = "model.policy") -> None:
+    """Fail with one line, before the weights load, when ``tokenizer`` cannot drive the pretrained model
+    ``model_spec``: it has more tokens than the model's embedding (``config.vocab_size``), or the model's folder
+    ships a tokenizer of its own with another vocabulary. Random-init built-in models are built to fit any
+    tokenizer, and a tokenizer the model's own (``tok_spec`` None) is its pair by definition. Only config.json and
+    tokenizer files are read."""
+    if is_random_init(model_spec) or tok_spec is None or tok_spec == model_spec:
+        return
+    path = os.path.expanduser(resolve_spec(model_spec))
+    config = AutoConfig.from_pretrained(path)
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    n = _own_vocab_size(tokenizer)
+    if vocab is not None and n > vocab:
+        raise ModelSpecError(f"{key}: {tok_spec} has {n} tokens but {model_key} {model_spec} embeds only {vocab} "
+                             f"(config.vocab_size); they are not a pair: set {key}=null to use the model's own")
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        own = load_tokenizer(path)
+        if own.get_vocab() != tokenizer.get_vocab():
+            raise ModelSpecError(f"{key}: {tok_spec} has another vocabulary ({n} tokens) than the tokenizer in "
+                                 f"{model_key} {model_spec} ({len(own)} tokens); set {key}=null to use the model's "
+                                 "own")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files of which a folder with a tokenizer has at least one."""
+
+
 def check_spec(spec: str, key: str) -> None:
     """Fail fast, before any weights load, on a spec that cannot work.
 
@@ -133,6 +172,19 @@ def check_spec(spec: str, key: str) -> None:
             raise ModelSpecError(f"{key}: folder {spec!r} does not exist")
         if not key.endswith("tokenizer") and not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelSpecError(f"{key}: folder {spec!r} has no config.json (incomplete checkpoint?)")
+        if key.endswith("tokenizer") and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            raise ModelSpecError(f"{key}: folder {spec!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+
+
+def check_has_tokenizer(spec: str, key: str, tok_key: str) -> None:
+    """A local model folder used as its own tokenizer (``tok_key`` null) must hold tokenizer files; else one line
+    that says to name one."""
+    path = os.path.expanduser(spec)
+    if is_builtin(spec) or not os.path.isdir(path):
+        return
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ModelSpecError(f"{tok_key}: null uses the tokenizer of {key} {spec!r}, but that folder has none "
+                             f"({', '.join(TOKENIZER_FILES)}); save one there or set {tok_key}")
 
 
 def load_tokenizer(spec: str, padding_side: str = "left") -> PreTrainedTokenizerBase:
@@ -153,6 +205,7 @@ def load_tokenizer(spec: str, padding_side: str = "left") -> PreTrainedTokenizer
             tok.pad_token = tok.eos_token
         else:
             tok.add_special_tokens({"pad_token": "<pad>"})
+            tok.rlhf_added_pad = True  # the model's embedding is resized for it (load_causal_lm)
     tok.padding_side = padding_side
     return tok
 

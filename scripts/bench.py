@@ -76,6 +76,7 @@ def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, 
     overrides = [
         f"algorithm={algorithm}", f"model.policy={folder}/policy", f"model.reward={folder}/reward",
         "reward.function=null", "reward.gold=null", f"data.prompts={folder}/prompts.jsonl",
+        "trainer.lr=1e-3", "trainer.value_lr=1e-3",  # random-init W1 saved to a folder: not a pretrained model
         f"rollout.prompts_per_step={prompts_per_step}", f"rollout.samples_per_prompt={SAMPLES}",
         f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}", "rollout.temperature=1.0",
         "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1", f"trainer.max_steps={steps}",

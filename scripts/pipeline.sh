@@ -31,8 +31,8 @@ echo "reward model: ${SECONDS} s"
 # token ids. reward.function=null: the reward model is the only reward, as with a real RLHF run.
 SECONDS=0
 python scripts/train_policy.py hydra.run.dir="$OUT/policy" logging.progress=false \
-  model.policy="$OUT/sft/final" model.tokenizer="$OUT/sft/final" model.reward="$OUT/reward/final" \
-  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn \
+  model.policy="$OUT/sft/final" model.reward="$OUT/reward/final" \
+  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn trainer.lr=1e-3 trainer.value_lr=1e-3 \
   "$@"
 echo "policy: ${SECONDS} s"
 

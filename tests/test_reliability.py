@@ -33,6 +33,8 @@ from tests.conftest import FAST, ROOT, compose_policy, run_script
 # One thread keeps float reductions in one order (bit-identical reruns) and shares the 2 CPU cores politely.
 ONE_THREAD = "trainer.torch_threads=1"
 SCRIPT = "scripts/train_policy.py"
+# A prompt file of the user's gets no built-in reward (reward.function=auto is none there): these tests name it.
+SENTIMENT = "reward.function=rlhf.tasks.sentiment.reward_fn"
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +135,7 @@ def test_data_errors_come_before_any_model_loads(rows, message, tmp_path, monkey
     file = _write_jsonl(tmp_path / "prompts.jsonl", rows)
     _no_model_load(monkeypatch)
     with pytest.raises(DataError) as e:
-        _trainer(tmp_path / "run", f"data.prompts={file}")
+        _trainer(tmp_path / "run", f"data.prompts={file}", SENTIMENT)
     assert message.format(file=file) in str(e.value)
     assert str(file) in str(e.value) and "\n" not in str(e.value)
 
@@ -148,7 +150,8 @@ def test_prompt_limit_beyond_the_context_fails_before_loading(tmp_path, monkeypa
 
 def test_missing_column_through_the_script_is_one_line(tmp_path):
     file = _write_jsonl(tmp_path / "p.jsonl", [{"text": "the food was good"}])
-    proc = run_script([SCRIPT, *FAST, f"data.prompts={file}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+    proc = run_script([SCRIPT, *FAST, f"data.prompts={file}", SENTIMENT, f"hydra.run.dir={tmp_path / 'run'}"],
+                      timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: '{file}' has no column 'prompt'; available columns: text")
@@ -168,7 +171,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
     assert (loaded.pad_token, loaded.pad_token_id) == ("</s>", 2)
 
     prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the food was good"}, {"prompt": "it was"}] * 2)
-    trainer = _trainer(tmp_path / "run", f"model.tokenizer={tmp_path / 'tok'}", f"data.prompts={prompts}")
+    trainer = _trainer(tmp_path / "run", f"model.tokenizer={tmp_path / 'tok'}", f"data.prompts={prompts}", SENTIMENT)
     ro, _ = trainer.sample(trainer.prompt_batch(0), 0)
     # "it was" is 2 tokens left-padded to 4: its first 2 positions are pad (= eos id 2) with mask 0
     short = ro.query_mask.sum(-1) == 2
