@@ -72,3 +72,49 @@ def test_sigkill_at_each_phase_then_resume_auto_matches_an_uninterrupted_run(
     assert [s for s, _ in list_checkpoints(str(ckpts))] == [2, 4, 6]
     check_checkpoint(str(ckpts / "step_6"))
     assert not (run / LOCK_NAME).exists()  # the resumed run took the stale lock over and released it
+
+
+def slow_reward(prompts, completions):
+    """The built-in reward, 1.5 s late: a step long enough to signal twice inside it."""
+    import time
+
+    from rlhf.tasks.sentiment import reward_fn
+
+    time.sleep(1.5)
+    return reward_fn(prompts, completions)
+
+
+@pytest.mark.slow
+def test_sigterm_twice_stops_at_once_without_a_checkpoint_and_the_run_resumes(reference_metrics, tmp_path):  # noqa: F811
+    """The first SIGTERM asks for a stop after the current step (and a checkpoint); a second one, sent while that
+    step still runs, ends the process at once (the handler put the default action back): no checkpoint is written
+    for the unfinished step, and resume=auto continues from the last complete one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "run"
+    args = [*RESUMABLE, "reward.function=tests.test_kill_phases.slow_reward", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step_2" / MARKER).exists():  # steps 0-1 done; step 2 runs (1.5 s reward)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)  # the handler runs and prints its line; step 2 is still in its slow reward
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]  # killed by the second signal, not a clean 143
+    assert "SIGTERM: stopping after this step and writing a checkpoint (send it again to stop at once" in err
+    assert [s for s, _ in list_checkpoints(str(run / "checkpoints"))] == [2]  # nothing for the unfinished step
+    resumed = run_script([SCRIPT, *args, "trainer.resume=auto"], timeout=300, env={"PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in _read_metrics(run)] == list(range(6))
+    assert _comparable(_read_metrics(run)) == _comparable(reference_metrics)  # the same scores, only later
+    check_checkpoint(str(run / "checkpoints" / "step_6"))

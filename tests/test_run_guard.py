@@ -149,8 +149,8 @@ def test_several_processes_without_a_gpu_run_on_the_cpu():
 
 
 def test_a_world_the_accelerator_does_not_see_stops_with_one_line(monkeypatch):
-    """GPUs present, 2 processes launched, but the Accelerator comes up alone (e.g. a launch config whose
-    distributed type is NO): every process stops instead of training alone into the shared folder."""
+    """GPUs present, 2 processes launched, but the Accelerator comes up alone (whatever the cause; accelerate is
+    replaced by a stand-in that does so): every process stops instead of training alone into the shared folder."""
     import rlhf.runtime
     from rlhf.config import TrainerConfig
 
