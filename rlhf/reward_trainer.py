@@ -39,9 +39,7 @@ from rlhf.config import REWARD_OBJECTIVES
 from rlhf.losses import binary_cross_entropy_with_logits, huber, mae, mse
 from rlhf.models import sequence_scores
 from rlhf.objectives import bradley_terry_loss, preference_accuracy
-from rlhf.runlock import locked_run_dir
-from rlhf.runtime import make_accelerator
-from rlhf.sft import FINAL_DIR, Batch, fit, num_rows, save_final, strided_rows, take
+from rlhf.sft import FINAL_DIR, Batch, fit, num_rows, run_stage, save_final, strided_rows, take
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +313,7 @@ def train_reward(cfg: DictConfig, accelerator: Accelerator | None = None) -> lis
     Writes ``metrics.jsonl`` and ``<run_dir>/final`` (model + tokenizer, for ``model.reward=``); returns the
     metric lines.
     """
-    if cfg.trainer.torch_threads:
-        torch.set_num_threads(cfg.trainer.torch_threads)
-    acc = accelerator or make_accelerator(cfg.trainer)
-    with locked_run_dir(acc, cfg.run_dir):  # one writer per run folder, before anything loads (rlhf.runlock)
-        return _train_reward(cfg, acc)
+    return run_stage(cfg, accelerator, _train_reward)
 
 
 def _train_reward(cfg: DictConfig, acc: Accelerator) -> list[dict]:

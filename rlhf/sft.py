@@ -342,11 +342,18 @@ def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[d
 
     Writes ``metrics.jsonl`` and the model + tokenizer folder ``<run_dir>/final``.
     """
+    return run_stage(cfg, accelerator, _train_sft)
+
+
+def run_stage(cfg: DictConfig, accelerator: Accelerator | None,
+              body: Callable[[DictConfig, Accelerator], list[dict]]) -> list[dict]:
+    """Run an SFT or reward stage's ``body(cfg, acc)`` with the stage's thread count and Accelerator, holding the run
+    folder's lock (rlhf.runlock: one writer per folder, taken before anything loads)."""
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     acc = accelerator or make_accelerator(cfg.trainer)
-    with locked_run_dir(acc, cfg.run_dir):  # one writer per run folder, before anything loads (rlhf.runlock)
-        return _train_sft(cfg, acc)
+    with locked_run_dir(acc, cfg.run_dir):
+        return body(cfg, acc)
 
 
 def _train_sft(cfg: DictConfig, acc: Accelerator) -> list[dict]:
