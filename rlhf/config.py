@@ -193,13 +193,30 @@ def _check_choice(value: Any, key: str, choices: list[str]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+MOVED_MODULES = {
+    "rlhf.losses": "rlhf.core.losses", "rlhf.logprobs": "rlhf.core.logprobs", "rlhf.kl": "rlhf.core.kl",
+    "rlhf.advantages": "rlhf.core.advantages", "rlhf.objectives": "rlhf.core.objectives",
+    "rlhf.registry": "rlhf.core.registry", "rlhf.sampling": "rlhf.rollout.sampling",
+    "rlhf.vllm_engine": "rlhf.rollout.vllm", "rlhf.trainer": "rlhf.trainers.policy", "rlhf.sft": "rlhf.trainers.sft",
+    "rlhf.reward_trainer": "rlhf.trainers.reward", "rlhf.checkpoint": "rlhf.runtime.checkpoint",
+    "rlhf.tracking": "rlhf.runtime.tracking", "rlhf.errors": "rlhf.runtime.errors", "rlhf.report": "rlhf.analysis.report",
+    "rlhf.best_of_n": "rlhf.analysis.best_of_n", "rlhf.runtime": "rlhf.runtime.accelerator",
+    "rlhf.rollout": "rlhf.rollout.batch, rlhf.rollout.hf, rlhf.rollout.forward or rlhf.rewards",
+}
+"""Modules of the flat 0.1 layout -> where their contents went, for dotted paths in older configs."""
+
+
 def import_function(path: str, key: str):
-    """``pkg.module.fn`` (or ``pkg.module:fn``) -> the callable; a one-line error naming ``key`` otherwise."""
+    """``pkg.module.fn`` (or ``pkg.module:fn``) -> the callable; a one-line error naming ``key`` otherwise (and the
+    new module, for a path into a module that has moved)."""
     mod_name, _, attr = path.replace(":", ".").rpartition(".")
     _check(bool(mod_name), key, f"{path!r} is not a dotted path like pkg.module.fn")
     try:
         fn = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as e:
+        if mod_name in MOVED_MODULES:
+            raise ConfigError(f"{key}: {mod_name} has moved to {MOVED_MODULES[mod_name]}; write "
+                              f"{MOVED_MODULES[mod_name].split(',')[0].split(' ')[0]}.{attr}") from None
         raise ConfigError(f"{key}: cannot import {path!r} ({e})") from None
     _check(callable(fn), key, f"{path!r} is not callable")
     return fn
@@ -268,13 +285,13 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
 
     Raises ConfigError with a message ``"<key>: <problem>"``.
     """
-    from rlhf.advantages import ADVANTAGE_ESTIMATORS
-    from rlhf.kl import KL_CONTROLLERS, KL_ESTIMATORS
+    from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
+    from rlhf.core.kl import KL_CONTROLLERS, KL_ESTIMATORS
+    from rlhf.core.objectives import AGGREGATION_MODES, POLICY_LOSSES
     from rlhf.models import DTYPES, check_spec
-    from rlhf.objectives import AGGREGATION_MODES, POLICY_LOSSES
-    from rlhf.rollout import SAMPLERS
-    from rlhf.sampling import SHUFFLES
-    from rlhf.vllm_engine import ENGINES, VLLMUnavailable, require_vllm
+    from rlhf.rollout.hf import SAMPLERS
+    from rlhf.rollout.sampling import SHUFFLES
+    from rlhf.rollout.vllm import ENGINES, VLLMUnavailable, require_vllm
 
     cfg = _typed(cfg, PolicyConfig)
     for key in ("policy", "tokenizer"):

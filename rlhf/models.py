@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf.kl import last_token_index
+from rlhf.core.kl import last_token_index
 
 BUILTIN_PREFIX = "builtin:"
 

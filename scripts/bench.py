@@ -70,7 +70,7 @@ def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, 
     from hydra import compose, initialize_config_dir
 
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     overrides = [

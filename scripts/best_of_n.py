@@ -12,9 +12,9 @@ import sys
 
 from hydra import compose, initialize_config_dir
 
-from rlhf.best_of_n import run_best_of_n, write_bon_csv
+from rlhf.analysis.best_of_n import run_best_of_n, write_bon_csv
 from rlhf.config import validate_policy_config
-from rlhf.errors import exit_on_user_error
+from rlhf.runtime.errors import exit_on_user_error
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 

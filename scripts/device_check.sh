@@ -24,7 +24,7 @@ run() {
     rollout.prompts_per_step=64 rollout.samples_per_prompt=4 rollout.max_new_tokens=32 rollout.min_new_tokens=32 \
     trainer.ppo_epochs=1 trainer.minibatches=1 trainer.save_every=0 logging.progress=false logging.tensorboard=false \
     hydra.run.dir="$out/$name" "$@" > "$out/$name.log" 2>&1 || { tail -30 "$out/$name.log"; echo "{\"run\": \"$name\", \"failed\": true}"; failed=$((failed + 1)); return 1; }
-  grep -m1 "\[rlhf.trainer\]\[INFO\]" "$out/$name.log" | sed 's/.*INFO\] - /  backend: /'
+  grep -m1 "\[rlhf.trainers.policy\]\[INFO\]" "$out/$name.log" | sed 's/.*INFO\] - /  backend: /'
   $py - "$out/$name/metrics.jsonl" "$name" "${MODEL:-builtin:w1}" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])][2:]
@@ -40,7 +40,7 @@ PY
 run ppo_bf16 algorithm=ppo
 run rloo_bf16 algorithm=rloo
 run rloo_fp32 algorithm=rloo trainer.mixed_precision=no
-# transformers' multinomial sampler instead of the counter sampler (the default; see rlhf/sampling.py)
+# transformers' multinomial sampler instead of the counter sampler (the default; see rlhf/rollout/sampling.py)
 run rloo_bf16_torch_sampler algorithm=rloo rollout.sampler=torch
 # A GPT-2-small-sized policy (and critic): large enough for bf16 to pay off.
 MODEL=builtin:small run small_ppo_bf16 algorithm=ppo trainer.lr=1e-5 trainer.value_lr=1e-5

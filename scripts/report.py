@@ -10,7 +10,7 @@ Works on a sweep still running: finished jobs are reported, the others are liste
 import argparse
 import os
 
-from rlhf.report import DEFAULT_WINDOW, write_report
+from rlhf.analysis.report import DEFAULT_WINDOW, write_report
 
 
 def parse_args(argv=None) -> argparse.Namespace:

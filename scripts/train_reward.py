@@ -13,14 +13,14 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import validate_reward_config
-from rlhf.errors import exit_on_user_error, one_line_hydra_errors
+from rlhf.runtime.errors import exit_on_user_error, one_line_hydra_errors
 
 
 @hydra.main(config_path="../configs", config_name="reward", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     cfg = validate_reward_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from rlhf.reward_trainer import train_reward  # heavy imports only after the config is known to be good
+    from rlhf.trainers.reward import train_reward  # heavy imports only after the config is known to be good
 
     train_reward(cfg)
 

@@ -11,14 +11,14 @@ import hydra
 from omegaconf import DictConfig
 
 from rlhf.config import validate_sft_config
-from rlhf.errors import exit_on_user_error, one_line_hydra_errors
+from rlhf.runtime.errors import exit_on_user_error, one_line_hydra_errors
 
 
 @hydra.main(config_path="../configs", config_name="sft", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     cfg = validate_sft_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from rlhf.sft import train_sft  # heavy imports only after the config is known to be good
+    from rlhf.trainers.sft import train_sft  # heavy imports only after the config is known to be good
 
     train_sft(cfg)
 

@@ -64,8 +64,8 @@ def _cpu(x):
 def main(out_dir: str, overrides: list[str]) -> None:
     from accelerate import Accelerator
 
-    from rlhf import trainer as trainer_module
     from rlhf.config import validate_policy_config
+    from rlhf.trainers import policy as trainer_module
     from tests.conftest import compose_policy
 
     acc = Accelerator(cpu=True)
@@ -100,7 +100,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.runtime import shutdown_distributed
+    from rlhf.runtime.accelerator import shutdown_distributed
 
     main(sys.argv[1], sys.argv[2:])
     shutdown_distributed()  # as the scripts do: gloo's teardown at exit can abort the process otherwise

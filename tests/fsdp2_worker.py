@@ -38,7 +38,7 @@ def main(run_dir: str, overrides: list[str]) -> None:
     from accelerate.utils import DistributedType
 
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
     from tests.conftest import compose_policy
 
     acc = Accelerator(cpu=True)
@@ -57,7 +57,7 @@ def main(run_dir: str, overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from rlhf.runtime import shutdown_distributed
+    from rlhf.runtime.accelerator import shutdown_distributed
 
     main(sys.argv[1], sys.argv[2:])
     shutdown_distributed()

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf.advantages import ADVANTAGE_ESTIMATORS
+from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
 
 NAN = float("nan")
 

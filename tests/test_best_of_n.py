@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.best_of_n import (
+from rlhf.analysis.best_of_n import (
     best_of_n,
     best_of_n_table,
     bon_kl,

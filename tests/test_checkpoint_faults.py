@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import rlhf.checkpoint as checkpoint
-from rlhf.checkpoint import (
+import rlhf.runtime.checkpoint as checkpoint
+from rlhf.runtime.checkpoint import (
     CheckpointWriteError,
     check_checkpoint,
     error_errno,

@@ -90,3 +90,11 @@ def test_script_exits_with_one_line_before_loading_models(tmp_path):
 def test_resolved_config_is_plain_data(tmp_path):
     cfg = validate_policy_config(compose_policy([], run_dir=str(tmp_path)))
     assert OmegaConf.to_container(cfg)["kl"]["beta"] == 0.05
+
+
+def test_a_dotted_path_into_a_moved_module_names_the_new_one(tmp_path):
+    """rlhf.losses became rlhf.core.losses when the package was split into subpackages: an old config's path says
+    where to look now instead of a bare import error."""
+    with pytest.raises(ConfigError, match=r"^reward\.function: rlhf\.losses has moved to rlhf\.core\.losses; write "
+                                          r"rlhf\.core\.losses\.mse$"):
+        validate_policy_config(compose_policy(["reward.function=rlhf.losses.mse"], run_dir=str(tmp_path)))

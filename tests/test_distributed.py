@@ -55,7 +55,7 @@ def _train_two_processes(run_dir: Path, *overrides):
 
 def _train_one_process(run_dir: Path, *overrides):
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     threads = torch.get_num_threads()
     try:
@@ -75,7 +75,7 @@ def _assert_same_trajectory(expected: list[dict], got: list[dict]):
 
 def _whiten_by_hand(per_sequence: list[float], mask: torch.Tensor) -> torch.Tensor:
     """Each row's value on its real tokens, whitened over all real tokens: (x - mean) / sqrt(unbiased var + 1e-8),
-    as rlhf.losses.masked_whiten does; 0 on padding. ``mask``: (rows, width) bool."""
+    as rlhf.core.losses.masked_whiten does; 0 on padding. ``mask``: (rows, width) bool."""
     tokens = [v for v, m in zip(per_sequence, mask) for _ in range(int(m.sum()))]
     mean = sum(tokens) / len(tokens)
     var = sum((t - mean) ** 2 for t in tokens) / (len(tokens) - 1)
@@ -104,7 +104,7 @@ def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path
     """One optimizer step on the same 8 rollouts: one micro-batch of 8, or 8 micro-batches of 1 accumulated. Each
     micro-batch loss is scaled by its share of the minibatch's tokens, so the summed gradients are the same."""
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     grads, params = {}, {}
     for accum in (1, 8):
@@ -142,7 +142,7 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_sta
     from types import SimpleNamespace
 
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     cfg = validate_policy_config(compose_policy([*FAST, "algorithm=rloo", *overrides], run_dir="unused"),
                                  world_size=2)
@@ -205,7 +205,7 @@ def test_checkpoint_without_optimizer_state_resumes_with_a_warning(tmp_path):
 def test_rollouts_sharded_by_prompt_estimates_and_metrics_global(tmp_path):
     """Probe run (RLOO, 2 steps, sampled rollouts): what each rank saw, recomputed globally by hand."""
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     overrides = [*FAST, "algorithm=rloo", "trainer.max_steps=2", "trainer.sample_every=0"]
     proc = _launch(["tests/distributed_worker.py", str(tmp_path / "probe"), *overrides,
@@ -289,7 +289,7 @@ def test_resume_one_process_checkpoint_with_two_processes(trajectories):
 @pytest.mark.slow
 def test_global_shuffle_two_processes_with_minibatches_follow_one_process(tmp_path):
     """trainer.shuffle=global with trainer.minibatches=2: the minibatches come from one stratified shuffle of the
-    global batch (rlhf.sampling.minibatch_rows), so 2 processes update on exactly the minibatches 1 process does
+    global batch (rlhf.rollout.sampling.minibatch_rows), so 2 processes update on exactly the minibatches 1 process does
     (PPO: the critic's too). With shuffle=process (the default) each process permutes its own rows with its own
     seed, and this comparison fails at step 0's update statistics (checked). No value clipping here: with it, one
     token's value change sat within float noise of the 0.2 clip edge at step 1, and value/clipfrac, a count,
@@ -447,9 +447,9 @@ def _stage_one_process(stage: str, run_dir: Path) -> list[dict]:
     cfg = compose_config(stage, STAGE_FAST, run_dir)
     try:
         if stage == "sft":
-            from rlhf.sft import train_sft
+            from rlhf.trainers.sft import train_sft
             return train_sft(C.validate_sft_config(cfg))
-        from rlhf.reward_trainer import train_reward
+        from rlhf.trainers.reward import train_reward
         return train_reward(C.validate_reward_config(cfg))
     finally:
         torch.set_num_threads(threads)
@@ -460,7 +460,7 @@ def _stage_one_process(stage: str, run_dir: Path) -> list[dict]:
 def test_sft_and_reward_two_processes_follow_one_process(stage, tmp_path):
     """The batch (16 rows) is global: 2 processes take 8 rows each. The SFT loss is a mean over target tokens, and
     the ranks' rows hold different numbers of tokens, so each rank's loss is weighted by its share of the global
-    token count (rlhf.sft.process_weight): the logged train/loss, the gradient and the weights then match 1
+    token count (rlhf.trainers.sft.process_weight): the logged train/loss, the gradient and the weights then match 1
     process. An unweighted mean of the two ranks' means would differ from step 0's train/loss on. Reward rows are
     pairs, equal per rank, so their per-row means average exactly."""
     from transformers import AutoModel

@@ -12,8 +12,8 @@ import json
 
 import pytest
 
-from rlhf.checkpoint import MARKER, check_checkpoint, list_checkpoints
-from rlhf.runlock import LOCK_NAME, holder_state
+from rlhf.runtime.checkpoint import MARKER, check_checkpoint, list_checkpoints
+from rlhf.runtime.runlock import LOCK_NAME, holder_state
 from tests.conftest import run_script
 from tests.test_reliability import RESUMABLE, SCRIPT, _comparable, _read_metrics, reference_metrics  # noqa: F401
 

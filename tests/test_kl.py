@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.kl import (
+from rlhf.core.kl import (
     KL_CONTROLLERS,
     KL_ESTIMATORS,
     AdaptiveKLController,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf.logprobs import _blocks, entropy_from_logits, selective_log_softmax
+from rlhf.core.logprobs import _blocks, entropy_from_logits, selective_log_softmax
 
 # (batch=3, seq_len=5) = 15 rows. Chunk sizes cover both tiling branches (chunk <= seq_len splits each sequence,
 # chunk > seq_len groups whole sequences) and sizes that do not divide 15 or 5.

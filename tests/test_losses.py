@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf.losses import (
+from rlhf.core.losses import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     cross_entropy,

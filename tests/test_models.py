@@ -86,7 +86,7 @@ def test_scores_are_read_at_the_last_real_token(tok):
         l_ = sequence_scores(rm, left, torch.cat([zeros, ones], 1))
     torch.testing.assert_close(r, alone.reshape(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(l_, alone.reshape(1), atol=1e-5, rtol=1e-5)
-    from rlhf.kl import last_token_index as last_index
+    from rlhf.core.kl import last_token_index as last_index
 
     assert last_index(torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]])).tolist() == [2, 0]
 
@@ -107,7 +107,7 @@ def test_smollm2_policy_step_with_a_retokenizing_reward_model(tmp_path):
     """A real pretrained LM (SmolLM2-135M-Instruct from its GGUF file), one PPO step, with the tiny reward model whose
     word-level tokenizer differs from SmolLM2's: the trainer decodes and re-tokenizes."""
     from rlhf.config import validate_policy_config
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
     from tests.conftest import compose_policy
 
     rm_tok = load_tokenizer("builtin:words", padding_side="right")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf.objectives import (
+from rlhf.core.objectives import (
     AGGREGATION_MODES,
     POLICY_LOSSES,
     aggregate,

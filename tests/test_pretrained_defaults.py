@@ -56,20 +56,20 @@ def user_model(tmp_path_factory) -> Path:
 
 
 def _no_model_load(monkeypatch):
-    import rlhf.trainer
+    import rlhf.trainers.policy
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the tokenizer error was found")
 
-    monkeypatch.setattr(rlhf.trainer, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainer, "load_score_model", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_score_model", refuse)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 def test_a_folder_policy_brings_its_own_tokenizer(user_model, tmp_path):
     """model.policy=<folder>, nothing else: the run tokenizes with the folder's BPE (about 300 tokens), not the tiny
     preset's 1 000-word tokenizer, and its completions decode through it."""
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     cfg = validate_policy_config(compose_policy([*FAST, f"model.policy={user_model}", "trainer.max_steps=1"],
                                                 run_dir=str(tmp_path / "run")))
@@ -111,7 +111,7 @@ def _reward_folder(user_model: Path, tmp_path: Path) -> Path:
 def test_a_tokenizer_larger_than_the_embedding_stops_before_weights_load(tmp_path, monkeypatch):
     """A 300-token tokenizer beside a model whose config says 100 embeddings: ids 100-299 would index past the
     embedding table (or be silently resized into untrained rows)."""
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     small = save_pretrained_folder(tmp_path / "small", vocab_size=300, embed=100, with_tokenizer=False)
     other = tmp_path / "tok"
@@ -127,7 +127,7 @@ def test_a_tokenizer_larger_than_the_embedding_stops_before_weights_load(tmp_pat
 
 def test_a_tokenizer_of_another_vocabulary_than_the_folders_own_stops(user_model, tmp_path, monkeypatch):
     """Same size, other vocabulary: a BPE trained on other text gives other ids to the same strings."""
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

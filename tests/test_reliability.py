@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf.checkpoint import (
+from rlhf.config import ConfigError, validate_policy_config
+from rlhf.runtime.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
     check_checkpoint,
@@ -27,7 +28,6 @@ from rlhf.checkpoint import (
     list_checkpoints,
     save_checkpoint,
 )
-from rlhf.config import ConfigError, validate_policy_config
 from tests.conftest import FAST, ROOT, compose_policy, run_script
 
 # One thread keeps float reductions in one order (bit-identical reruns) and shares the 2 CPU cores politely.
@@ -45,7 +45,7 @@ def _restore_threads():
 
 
 def _trainer(run_dir, *overrides):
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     return PolicyTrainer(validate_policy_config(compose_policy([*FAST, ONE_THREAD, *overrides],
                                                                run_dir=str(run_dir))))
@@ -53,13 +53,13 @@ def _trainer(run_dir, *overrides):
 
 def _no_model_load(monkeypatch):
     """Make any weight loading fail loudly, to prove an error came before it."""
-    import rlhf.trainer
+    import rlhf.trainers.policy
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input error was found")
 
-    monkeypatch.setattr(rlhf.trainer, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainer, "load_score_model", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_score_model", refuse)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -96,7 +96,7 @@ def test_unknown_key_without_plus_is_one_line_through_the_script(tmp_path):
 def test_hydra_composition_errors_become_one_line(override, message):
     from hydra.errors import HydraException
 
-    from rlhf.errors import hydra_error_message
+    from rlhf.runtime.errors import hydra_error_message
 
     with pytest.raises(HydraException) as e:
         compose_policy([override])
@@ -206,7 +206,7 @@ def test_causal_lm_is_not_a_reward_model(tmp_path):
 
 
 def test_bad_reward_function_fails_through_the_trainer_naming_it(tmp_path):
-    from rlhf.rollout import RewardFunctionError
+    from rlhf.rewards.functions import RewardFunctionError
 
     trainer = _trainer(tmp_path / "run", "trainer.max_steps=1")
     bad = {
@@ -241,7 +241,7 @@ def test_bad_resume_folder_fails_before_any_model_loads(resume, message, tmp_pat
 def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypatch):
     """NaN/inf at steps 0 and 2 with trainer.max_nonfinite_steps=1: step 0 is skipped (weights unchanged), step 1
     trains, step 2 is the second skip (2 > 1) and stops the run with an error naming the key."""
-    import rlhf.rollout
+    import rlhf.rewards.scoring
 
     overrides = ["trainer.max_steps=3", "trainer.max_nonfinite_steps=1", "trainer.warmup_steps=0"]
     if where == "reward_model":
@@ -259,13 +259,13 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypa
 
         trainer._micro_loss = poisoned
     else:
-        rm_scores = rlhf.rollout.reward_model_scores
+        rm_scores = rlhf.rewards.scoring.reward_model_scores
 
         def poisoned(*args):
             scores = rm_scores(*args)
             return torch.full_like(scores, math.inf) if current[0] in bad_steps else scores
 
-        monkeypatch.setattr(rlhf.rollout, "reward_model_scores", poisoned)
+        monkeypatch.setattr(rlhf.rewards.scoring, "reward_model_scores", poisoned)
 
     train_step = trainer.train_step
 
@@ -278,7 +278,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypa
     trainer.train_step = tracked
     before = _params(trainer.policy)
     with pytest.warns(UserWarning) as caught, pytest.raises(
-            rlhf.trainer.TrainingError, match=r"^trainer.max_nonfinite_steps: 2 steps skipped for NaN/inf \(last: step 2"):
+            rlhf.trainers.policy.TrainingError, match=r"^trainer.max_nonfinite_steps: 2 steps skipped for NaN/inf \(last: step 2"):
         trainer.train()
     what = "a non-finite loss or gradient" if where == "loss" else f"model.reward {tmp_path / 'rm'} returned a " \
         "non-finite score"
@@ -294,7 +294,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(where, tmp_path, monkeypa
 
 
 def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     trainer = _trainer(tmp_path / "run")
     trainer.save(1)
@@ -355,7 +355,7 @@ def test_checkpoints_are_atomic_and_keep_last(tmp_path):
 
 
 def test_out_of_memory_says_what_to_change(tmp_path):
-    from rlhf.trainer import TrainingError, is_out_of_memory
+    from rlhf.trainers.policy import TrainingError, is_out_of_memory
 
     trainer = _trainer(tmp_path / "run", "trainer.max_steps=1")
     cuda = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -391,8 +391,8 @@ def test_out_of_memory_says_what_to_change(tmp_path):
     ("config", 2, "error: data.max_prompt_length: too long"),
 ])
 def test_script_wrapper_exit_codes(error, code, prefix, capsys):
-    from rlhf.errors import exit_on_user_error
-    from rlhf.trainer import TrainingInterrupted
+    from rlhf.runtime.errors import exit_on_user_error
+    from rlhf.trainers.policy import TrainingInterrupted
 
     errors = {"interrupted": TrainingInterrupted("SIGTERM after step 3", signal.SIGTERM),
               "write": CheckpointWriteError("run_dir: disk full"),
@@ -411,7 +411,7 @@ def test_script_wrapper_exit_codes(error, code, prefix, capsys):
 def test_script_wrapper_lets_bugs_through():
     """Only the user-error types become one line; any other exception (a bug, whatever its message looks like)
     keeps its traceback."""
-    from rlhf.errors import exit_on_user_error
+    from rlhf.runtime.errors import exit_on_user_error
 
     @exit_on_user_error
     def main():
@@ -422,7 +422,7 @@ def test_script_wrapper_lets_bugs_through():
 
 
 def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path):
-    from rlhf.trainer import TrainingInterrupted
+    from rlhf.trainers.policy import TrainingInterrupted
 
     trainer = _trainer(tmp_path / "run", "trainer.max_steps=5")
     train_step = trainer.train_step
@@ -489,7 +489,7 @@ RESUMABLE = [*FAST, ONE_THREAD, "trainer.max_steps=6", "trainer.save_every=2", "
 @pytest.fixture(scope="module")
 def reference_metrics(tmp_path_factory):
     """An uninterrupted run of RESUMABLE, in this process."""
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     threads = torch.get_num_threads()
     run = tmp_path_factory.mktemp("reference") / "run"
@@ -501,7 +501,7 @@ def reference_metrics(tmp_path_factory):
 
 
 def test_same_seed_and_config_give_identical_metrics(reference_metrics, tmp_path):
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     PolicyTrainer(validate_policy_config(compose_policy(RESUMABLE, run_dir=str(tmp_path / "run")))).train()
     again = _read_metrics(tmp_path / "run")
@@ -564,8 +564,8 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(reference_metrics,
 def test_resuming_an_older_checkpoint_sets_newer_ones_aside(policy_cfg, tmp_path):
     """Resume from step_2 of a run that reached step_4: step_4 belongs to an abandoned future. It is moved to
     checkpoints/abandoned/ (not deleted), so a later resume=auto continues this run, not the old one."""
-    from rlhf.checkpoint import latest_checkpoint
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.runtime.checkpoint import latest_checkpoint
+    from rlhf.trainers.policy import PolicyTrainer
 
     common = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=5"]
     PolicyTrainer(policy_cfg(*common)).train()
@@ -585,7 +585,7 @@ def test_resume_hides_the_abandoned_tensorboard_events(policy_cfg, tmp_path):
     steps 2 and 3 would each have two points (four in all would be six)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from rlhf.trainer import PolicyTrainer
+    from rlhf.trainers.policy import PolicyTrainer
 
     common = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=5", "logging.tensorboard=true"]
     PolicyTrainer(policy_cfg(*common)).train()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from rlhf.report import (
+from rlhf.analysis.report import (
     best_lines,
     block_means,
     collect_runs,

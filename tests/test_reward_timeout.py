@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlhf.rollout import RewardFunctionError, call_reward_function, score_responses
+from rlhf.rewards.functions import RewardFunctionError, call_reward_function
+from rlhf.rewards.scoring import score_responses
 from tests.conftest import FAST, run_script
 
 PROMPTS, COMPLETIONS = ["p", "q"], ["a", "bbb"]
@@ -166,7 +167,7 @@ def test_score_responses_without_the_field_has_no_limit():
 def test_a_hanging_reward_function_stops_the_script(tmp_path):
     """As a user runs it: reward.function names a module on PYTHONPATH whose score() never returns. With
     reward.timeout_s=1 the first step's scoring gives up after 1 s; RewardFunctionError is a user error, so
-    scripts/train_policy.py prints one `error: ...` line (rlhf.errors.exit_on_user_error) and exits 2, and the
+    scripts/train_policy.py prints one `error: ...` line (rlhf.runtime.errors.exit_on_user_error) and exits 2, and the
     still-sleeping daemon thread does not keep the process alive."""
     (tmp_path / "hang.py").write_text("import time\n\n\ndef score(prompts, completions):\n    time.sleep(3600)\n")
     pythonpath = os.pathsep.join(p for p in [str(tmp_path), os.environ.get("PYTHONPATH", "")] if p)

@@ -8,7 +8,7 @@ import torch
 from rlhf.config import ConfigError, validate_reward_config
 from rlhf.data import DataError
 from rlhf.models import load_score_model, load_tokenizer, same_tokenizer, sequence_scores
-from rlhf.reward_trainer import (
+from rlhf.trainers.reward import (
     binarize_labels,
     binary_loss,
     builtin_eval_reference,
@@ -307,14 +307,14 @@ def test_bad_reward_config_is_one_line_config_error(overrides, key):
 @pytest.fixture
 def no_models(monkeypatch):
     import rlhf.models
-    import rlhf.reward_trainer
+    import rlhf.trainers.reward
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model or tokenizer loaded before the data was checked")
 
     for name in ("load_tokenizer", "load_score_model", "load_causal_lm"):
         monkeypatch.setattr(rlhf.models, name, refuse)
-    monkeypatch.setattr(rlhf.reward_trainer, "load_reward_init", refuse)
+    monkeypatch.setattr(rlhf.trainers.reward, "load_reward_init", refuse)
 
 
 @pytest.mark.parametrize("rows, overrides, message", [

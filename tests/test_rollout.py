@@ -3,16 +3,11 @@ import math
 import pytest
 import torch
 
-from rlhf.kl import shape_rewards
+from rlhf.core.kl import shape_rewards
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.rollout import (
-    RewardFunctionError,
-    call_reward_function,
-    decode_responses,
-    has_eos,
-    policy_logprobs,
-    response_mask_from_ids,
-)
+from rlhf.rewards.functions import RewardFunctionError, call_reward_function
+from rlhf.rollout.batch import decode_responses, has_eos, response_mask_from_ids
+from rlhf.rollout.forward import policy_logprobs
 
 EOS, PAD = 2, 0
 
@@ -124,7 +119,7 @@ def test_sampling_is_from_the_full_softmax(tiny):
     """rollout.top_k=0 means no top-k: tokens outside the 50 most likely ones must be drawn (transformers fills an
     unset top_k with 50). The untrained model's next-token distribution is close to uniform over ~140 tokens, so
     ~60% of 512 draws fall outside its top 50; with a hidden top-50 filter none would."""
-    from rlhf.rollout import generate
+    from rlhf.rollout.hf import generate
 
     tok, model = tiny
     q = tok(["the food was"] * 512, return_tensors="pt", padding=True)

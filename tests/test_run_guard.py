@@ -1,9 +1,9 @@
 """A run owns its folder, and a launch trains as many processes as it started.
 
-- One writer per run folder (rlhf.runlock): a second run on a folder that a live run holds stops with one line naming
+- One writer per run folder (rlhf.runtime.runlock): a second run on a folder that a live run holds stops with one line naming
   the folder and the holder's pid and host, before any model loads and, through the scripts, before Hydra writes
   into the folder; a lock left by a dead process (kill -9) is taken over.
-- Launch/world agreement (rlhf.runtime.make_accelerator): ``accelerate launch --multi_gpu --num_processes 2`` on a
+- Launch/world agreement (rlhf.runtime.accelerator.make_accelerator): ``accelerate launch --multi_gpu --num_processes 2`` on a
   machine without a GPU trains one 2-process gloo run, where accelerate alone would start two independent
   single-process runs writing into one folder.
 """
@@ -19,8 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.runlock import LOCK_NAME, RunDirBusy, RunLock, check_run_dir_free, holder_state, process_start_time
-from rlhf.runtime import BackendMismatch, launched_world_size, wants_cpu
+from rlhf.runtime.accelerator import BackendMismatch, launched_world_size, wants_cpu
+from rlhf.runtime.runlock import (
+    LOCK_NAME,
+    RunDirBusy,
+    RunLock,
+    check_run_dir_free,
+    holder_state,
+    process_start_time,
+)
 from tests.conftest import FAST, ROOT, run_script
 
 SCRIPT = "scripts/train_policy.py"
@@ -88,14 +95,14 @@ def test_a_torn_lock_file_is_stale_and_the_same_process_may_take_its_lock_again(
 
 
 def test_the_trainer_stops_before_loading_a_model(tmp_path, other_process, monkeypatch, policy_cfg):
-    import rlhf.trainer
-    from rlhf.trainer import PolicyTrainer
+    import rlhf.trainers.policy
+    from rlhf.trainers.policy import PolicyTrainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the run folder is taken")
 
-    monkeypatch.setattr(rlhf.trainer, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainer, "load_tokenizer", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy, "load_tokenizer", refuse)
     _write_lock(tmp_path / "run", pid=other_process.pid, start=process_start_time(other_process.pid))
     with pytest.raises(RunDirBusy, match=f"pid {other_process.pid}"):
         PolicyTrainer(policy_cfg())
@@ -106,7 +113,7 @@ def test_the_trainer_stops_before_loading_a_model(tmp_path, other_process, monke
 def test_two_runs_on_one_folder_the_second_stops_and_the_first_finishes_intact(tmp_path):
     """Run A trains 30 steps; run B, started on the same hydra.run.dir while A runs, stops at once with one line
     naming the folder and A's pid; A ends with all its metrics, a complete checkpoint and its own .hydra config."""
-    from rlhf.checkpoint import check_checkpoint
+    from rlhf.runtime.checkpoint import check_checkpoint
 
     run = tmp_path / "run"
     a = subprocess.Popen([sys.executable, SCRIPT, *FAST, "trainer.max_steps=30", "trainer.torch_threads=1",
@@ -151,7 +158,7 @@ def test_several_processes_without_a_gpu_run_on_the_cpu():
 def test_a_world_the_accelerator_does_not_see_stops_with_one_line(monkeypatch):
     """GPUs present, 2 processes launched, but the Accelerator comes up alone (whatever the cause; accelerate is
     replaced by a stand-in that does so): every process stops instead of training alone into the shared folder."""
-    import rlhf.runtime
+    import rlhf.runtime.accelerator
     from rlhf.config import TrainerConfig
 
     class AloneAccelerator:  # what accelerate returns then: one process, no distributed backend
@@ -161,11 +168,11 @@ def test_a_world_the_accelerator_does_not_see_stops_with_one_line(monkeypatch):
             self.device = "cuda:0"
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(rlhf.runtime, "has_accelerator_device", lambda: True)
-    monkeypatch.setattr(rlhf.runtime, "Accelerator", AloneAccelerator)
+    monkeypatch.setattr(rlhf.runtime.accelerator, "has_accelerator_device", lambda: True)
+    monkeypatch.setattr(rlhf.runtime.accelerator, "Accelerator", AloneAccelerator)
     with pytest.raises(BackendMismatch, match=r"^trainer\.cpu: the launcher started 2 processes but each sees 1 "
                                               r"\(NO on cuda:0\)"):
-        rlhf.runtime.make_accelerator(TrainerConfig(max_steps=1))
+        rlhf.runtime.accelerator.make_accelerator(TrainerConfig(max_steps=1))
 
 
 LAUNCH_AS_TYPED = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
@@ -175,7 +182,7 @@ LAUNCH_AS_TYPED = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_pro
 def test_the_multi_gpu_launch_on_a_cpu_machine_trains_one_two_process_run(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 scripts/train_policy.py trainer.max_steps=2`, exactly as a
     user types it on a machine without a GPU (plus a run folder): one run of 2 gloo processes, one writer."""
-    from rlhf.checkpoint import check_checkpoint
+    from rlhf.runtime.checkpoint import check_checkpoint
 
     run = tmp_path / "run"
     env = {"CUDA_VISIBLE_DEVICES": ""}  # also on a GPU machine, this test is about one without
@@ -205,7 +212,7 @@ def test_the_same_launch_of_the_sft_and_reward_stages_is_one_run(tmp_path, scrip
 
 def test_sigkill_leaves_a_lock_the_next_run_takes_over(tmp_path):
     """What kill -9 leaves: a lock whose pid is gone. The next run on the folder (here: a lock acquire) goes on."""
-    proc = subprocess.Popen([sys.executable, "-c", f"from rlhf.runlock import RunLock; RunLock({str(tmp_path)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", f"from rlhf.runtime.runlock import RunLock; RunLock({str(tmp_path)!r})"
                              ".acquire(); import time; time.sleep(60)"], cwd=ROOT)
     deadline = time.monotonic() + 60
     while not (tmp_path / LOCK_NAME).exists():

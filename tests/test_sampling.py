@@ -1,10 +1,17 @@
-"""Counter-based sampling (rlhf.sampling): a pure hash, exact inverse-CDF draws, and samples that do not depend on
+"""Counter-based sampling (rlhf.rollout.sampling): a pure hash, exact inverse-CDF draws, and samples that do not depend on
 how the batch is split, which is what makes 2 processes sample what 1 process samples."""
 
 import pytest
 import torch
 
-from rlhf.sampling import CounterSampler, counter_uniform, inverse_cdf_sample, minibatch_rows, mix32, row_keys
+from rlhf.rollout.sampling import (
+    CounterSampler,
+    counter_uniform,
+    inverse_cdf_sample,
+    minibatch_rows,
+    mix32,
+    row_keys,
+)
 
 
 def _mueller_by_hand(x: int) -> int:
@@ -102,7 +109,7 @@ PROMPTS = ["the movie was", "i think that this film is really", "bad",
 
 
 def _generate(tok, model, prompts, keys, **kw):
-    from rlhf.rollout import generate
+    from rlhf.rollout.hf import generate
 
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
     ids, mask = generate(model, enc["input_ids"], enc["attention_mask"], tok, max_new_tokens=10, sampler="counter",
@@ -160,7 +167,7 @@ def test_top_k_and_low_temperature_are_respected(tiny):
 
 
 def test_generate_refuses_counter_sampling_without_keys(tiny):
-    from rlhf.rollout import generate
+    from rlhf.rollout.hf import generate
 
     tok, model = tiny
     enc = tok(["a", "b"], return_tensors="pt", padding=True)

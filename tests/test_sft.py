@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from rlhf.config import ConfigError, validate_sft_config
 from rlhf.data import DataError
-from rlhf.sft import (
+from rlhf.trainers.sft import (
     batch_indices,
     build_optimizer,
     lm_batch_loss,
@@ -197,7 +197,7 @@ def test_sft_on_a_text_file_without_evaluation(tmp_path):
 def test_non_finite_gradient_stops_the_run_without_touching_the_weights():
     from accelerate import Accelerator
 
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     layer = torch.nn.Linear(2, 1)
     before = [p.detach().clone() for p in layer.parameters()]
@@ -211,7 +211,7 @@ def test_non_finite_gradient_stops_the_run_without_touching_the_weights():
 
 def test_save_final_refuses_non_finite_weights(tmp_path):
     from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     tok = load_tokenizer("builtin:words")
     model = load_causal_lm("builtin:tiny", tok)
@@ -295,8 +295,8 @@ def test_non_finite_weights_are_refused_before_saving(tmp_path):
     """fit checks the weights on every process (a collective) before rank 0 saves, so all processes stop together."""
     from accelerate import Accelerator
 
-    from rlhf.sft import _check_finite_everywhere
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
+    from rlhf.trainers.sft import _check_finite_everywhere
 
     model = torch.nn.Linear(2, 2)
     acc = Accelerator(cpu=True)
@@ -310,7 +310,7 @@ def test_non_finite_weights_are_refused_before_saving(tmp_path):
 def test_process_weight_is_one_on_a_single_process():
     from accelerate import Accelerator
 
-    from rlhf.sft import process_weight
+    from rlhf.trainers.sft import process_weight
 
     acc = Accelerator(cpu=True)
     assert process_weight(acc, None) is None

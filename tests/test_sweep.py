@@ -6,8 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from rlhf.analysis.report import collect_runs, group_rows, kl_monotone, run_row
 from rlhf.config import validate_policy_config
-from rlhf.report import collect_runs, group_rows, kl_monotone, run_row
 from tests.conftest import CONFIGS, compose_policy, run_script
 
 

@@ -1,6 +1,6 @@
 import json
 
-from rlhf.tracking import truncate_metrics
+from rlhf.runtime.tracking import truncate_metrics
 
 
 def test_truncate_keeps_steps_up_to_the_checkpoint_and_drops_a_torn_line(tmp_path):

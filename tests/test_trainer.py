@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rlhf.trainer import PolicyTrainer
+from rlhf.trainers.policy import PolicyTrainer
 
 ALGORITHMS = ["ppo", "rloo", "grpo", "reinforce_pp"]
 
@@ -149,7 +149,7 @@ def test_reward_model_with_another_tokenizer_is_retokenized(policy_cfg, tmp_path
 
 def test_reward_model_and_function_are_weighted(policy_cfg, tmp_path):
     from rlhf.models import load_score_model, load_tokenizer
-    from rlhf.rollout import reward_model_scores
+    from rlhf.rewards.scoring import reward_model_scores
     from rlhf.tasks.sentiment import reward_fn
 
     tok = load_tokenizer("builtin:words")

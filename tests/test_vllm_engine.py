@@ -1,4 +1,4 @@
-"""The vLLM rollout engine (rlhf.vllm_engine).
+"""The vLLM rollout engine (rlhf.rollout.vllm).
 
 The helpers and the missing-vllm error run everywhere. The engine itself needs vllm: on a CPU machine install the
 CPU build into its own environment (it pins its transformers) and run this file there:
@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from rlhf.vllm_engine import pad_responses, request_seeds, strip_left_padding
+from rlhf.rollout.vllm import pad_responses, request_seeds, strip_left_padding
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed (see this file's docstring)")
@@ -31,7 +31,7 @@ def test_strip_left_padding_and_pad_responses():
 
 
 def test_request_seeds_are_distinct_and_follow_the_keys():
-    from rlhf.sampling import row_keys
+    from rlhf.rollout.sampling import row_keys
 
     keys = row_keys(0, 3, torch.arange(1000))
     seeds = request_seeds(keys)
@@ -61,7 +61,7 @@ def test_bad_engine_name_is_a_config_error(tmp_path):
 @pytest.fixture(scope="module")
 def engine_and_policy():
     from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.vllm_engine import VLLMEngine
+    from rlhf.rollout.vllm import VLLMEngine
 
     tok = load_tokenizer("builtin:words")
     policy = load_causal_lm("builtin:w1", tok)
@@ -105,7 +105,7 @@ def test_weight_sync_makes_vllm_decode_like_the_policy(engine_and_policy):
 def test_vllm_samples_follow_the_policy_softmax(engine_and_policy):
     """2048 first tokens from vLLM at temperature 1 against transformers' softmax of the synced policy: chi-square
     over the 12 most likely tokens plus one bin for the rest (12 dof; 99.9% quantile 32.9)."""
-    from rlhf.sampling import row_keys
+    from rlhf.rollout.sampling import row_keys
 
     engine, policy, tok = engine_and_policy
     engine.sync_weights(policy)
@@ -123,7 +123,7 @@ def test_vllm_samples_follow_the_policy_softmax(engine_and_policy):
 
 @needs_vllm
 def test_seeded_rows_draw_the_same_tokens_in_any_batch(engine_and_policy):
-    from rlhf.sampling import row_keys
+    from rlhf.rollout.sampling import row_keys
 
     engine, policy, tok = engine_and_policy
     texts = ["the movie was", "i think that this film is really", "bad", "we saw a play"]

@@ -6,7 +6,7 @@ Every entry has the same signature
 
 with `rewards`, `mask`, `values`, `advantages`, `returns` all (batch, response_len), and ignores the
 arguments it does not use. `rewards` are the per-token shaped rewards (KL penalty on every real token,
-score on the last one; see `rlhf.kl.shape_rewards`). `mask` is 1 on real response tokens up to and
+score on the last one; see `rlhf.core.kl.shape_rewards`). `mask` is 1 on real response tokens up to and
 including EOS and 0 after; outputs are 0 where it is 0. The group estimators (RLOO, GRPO) expect the
 `group_size` rollouts of one prompt in contiguous rows: rows [i*K, (i+1)*K) share prompt i.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf.losses import masked_sum, masked_whiten
-from rlhf.registry import Registry
+from rlhf.core.losses import masked_sum, masked_whiten
+from rlhf.core.registry import Registry
 
 ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 
@@ -185,7 +185,7 @@ def reinforce_pp(
     """REINFORCE++ (Hu, 2025): per-token return-to-go, whitened over the whole batch.
 
     G_t = Σ_{s>=t} γ^{s-t} r_s over the real tokens; A = (G - mean) / sqrt(var + eps), the mean and the
-    unbiased variance taken over every real token of the batch (`rlhf.losses.masked_whiten`): the batch
+    unbiased variance taken over every real token of the batch (`rlhf.core.losses.masked_whiten`): the batch
     statistics are REINFORCE++'s baseline, in place of a critic or a group. Returns (A, G), each
     (batch, response_len). Ignores `values`, `group_size`, `lam`, `std_normalize`.
     """

@@ -10,7 +10,7 @@ One SFT run, as data:
     evaluate                  -> token-weighted loss and perplexity on the held-out split
     save                      -> <run_dir>/final: save_pretrained + tokenizer, loadable by AutoModelForCausalLM
 
-``fit`` is the loop. The reward trainer (``rlhf.reward_trainer``) runs the same loop with its own loss and
+``fit`` is the loop. The reward trainer (``rlhf.trainers.reward``) runs the same loop with its own loss and
 evaluation, so the two stages share batching, optimisation, logging and saving.
 """
 
@@ -30,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import get_scheduler
 
-from rlhf.losses import lm_loss, perplexity
-from rlhf.runlock import locked_run_dir
-from rlhf.runtime import clip_and_step, make_accelerator
-from rlhf.tracking import MetricsLogger
+from rlhf.core.losses import lm_loss, perplexity
+from rlhf.runtime.accelerator import clip_and_step, make_accelerator
+from rlhf.runtime.runlock import locked_run_dir
+from rlhf.runtime.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,9 @@ def build_optimizer(params, *, lr: float, weight_decay: float, betas: tuple[floa
 
 def optimizer_step(acc: Accelerator, optimizer, scheduler, max_grad_norm: float | None,
                    step: int) -> float:
-    """rlhf.runtime.clip_and_step; a non-finite norm stops the run (on every process: the norm is the same
+    """rlhf.runtime.accelerator.clip_and_step; a non-finite norm stops the run (on every process: the norm is the same
     everywhere) with nothing moved. Returns the norm before clipping."""
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     norm = clip_and_step(acc, optimizer, scheduler, max_grad_norm)
     if norm is None:
@@ -216,7 +216,7 @@ def save_final(model, tokenizer, folder: str) -> str:
 
     A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
     """
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
@@ -296,7 +296,7 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
 
 def _check_finite_everywhere(acc: Accelerator, module: nn.Module, run_dir: str) -> None:
     """Raise TrainingError on every process when any process holds a non-finite weight (a collective)."""
-    from rlhf.trainer import TrainingError
+    from rlhf.trainers.policy import TrainingError
 
     bad = torch.tensor(float(not all(torch.isfinite(p).all() for p in module.parameters())), device=acc.device)
     if acc.num_processes > 1:
@@ -348,7 +348,7 @@ def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[d
 def run_stage(cfg: DictConfig, accelerator: Accelerator | None,
               body: Callable[[DictConfig, Accelerator], list[dict]]) -> list[dict]:
     """Run an SFT or reward stage's ``body(cfg, acc)`` with the stage's thread count and Accelerator, holding the run
-    folder's lock (rlhf.runlock: one writer per folder, taken before anything loads)."""
+    folder's lock (rlhf.runtime.runlock: one writer per folder, taken before anything loads)."""
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
     acc = accelerator or make_accelerator(cfg.trainer)

@@ -37,9 +37,9 @@ from typing import NamedTuple
 import numpy as np
 import yaml
 
-from rlhf.checkpoint import list_checkpoints
 from rlhf.config import ConfigError
-from rlhf.registry import Registry
+from rlhf.core.registry import Registry
+from rlhf.runtime.checkpoint import list_checkpoints
 
 DEFAULT_WINDOW = 10
 """Logged steps averaged into one "final" value (and into one point of a trajectory)."""
@@ -687,7 +687,7 @@ class Report(NamedTuple):
 def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_budget: float | None = None,
                  bon_path: str | None = None) -> Report:
     """Collect the sweep, write report.csv, report.md and the PNG plots into ``out_dir``."""
-    from rlhf.best_of_n import mean_over_seeds, read_bon_csv
+    from rlhf.analysis.best_of_n import mean_over_seeds, read_bon_csv
 
     runs = collect_runs(sweep_dir)
     axis = sweep_axis(runs)

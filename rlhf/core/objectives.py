@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf.kl import per_token_kl
-from rlhf.losses import huber, masked_mean, masked_sum, masked_var, mse
-from rlhf.registry import Registry
+from rlhf.core.kl import per_token_kl
+from rlhf.core.losses import huber, masked_mean, masked_sum, masked_var, mse
+from rlhf.core.registry import Registry
 
 POLICY_LOSSES = Registry("policy loss")
 AGGREGATION_MODES = ("token-mean", "seq-mean", "seq-mean-token-sum")
@@ -160,7 +160,7 @@ def value_loss(
     """PPO clipped value loss: per token max(L(v, R), L(v_clipped, R)), v_clipped = old + clamp(v - old, ±clip_range).
 
     `values`, `old_values`, `returns`, `mask`: (batch, response_len). L is the elementwise `mse` or
-    `huber` (with `delta`) of `rlhf.losses`; `clip_range=None` uses L(v, R) alone. Returns the loss
+    `huber` (with `delta`) of `rlhf.core.losses`; `clip_range=None` uses L(v, R) alone. Returns the loss
     reduced by `agg` and {"clipfrac": fraction of real tokens where the clipped loss is the larger}.
     """
     _check_tensor(values, "values")

@@ -16,7 +16,7 @@ Tensors of a dataset (``encode_pairs`` / ``encode_labelled``), ``k`` = 2 (chosen
     margin                      (rows,)             pairwise, when data.margin_column is set
     label                       (rows,)             regression and binary
 
-The loop is ``rlhf.sft.fit``; the model and tokenizer go to ``<run_dir>/final``, which the policy trainer loads as
+The loop is ``rlhf.trainers.sft.fit``; the model and tokenizer go to ``<run_dir>/final``, which the policy trainer loads as
 ``model.reward=<run_dir>/final``.
 """
 
@@ -36,10 +36,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 
 from rlhf.config import REWARD_OBJECTIVES
-from rlhf.losses import binary_cross_entropy_with_logits, huber, mae, mse
+from rlhf.core.losses import binary_cross_entropy_with_logits, huber, mae, mse
+from rlhf.core.objectives import bradley_terry_loss, preference_accuracy
 from rlhf.models import sequence_scores
-from rlhf.objectives import bradley_terry_loss, preference_accuracy
-from rlhf.sft import FINAL_DIR, Batch, fit, num_rows, run_stage, save_final, strided_rows, take
+from rlhf.trainers.sft import FINAL_DIR, Batch, fit, num_rows, run_stage, save_final, strided_rows, take
 
 log = logging.getLogger(__name__)
 

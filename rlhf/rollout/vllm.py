@@ -30,7 +30,7 @@ import tempfile
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.rollout import response_mask_from_ids
+from rlhf.rollout.batch import response_mask_from_ids
 
 ENGINES = ["hf", "vllm"]
 
@@ -47,7 +47,7 @@ def require_vllm() -> None:
 
 
 def request_seeds(row_keys: torch.Tensor) -> list[int]:
-    """``(N, 2)`` counter-sampling keys (rlhf.sampling.row_keys) -> N per-request vLLM seeds in ``[0, 2**63)``."""
+    """``(N, 2)`` counter-sampling keys (rlhf.rollout.sampling.row_keys) -> N per-request vLLM seeds in ``[0, 2**63)``."""
     keys = row_keys.to(torch.int64).cpu()
     return [(int(a) << 31) ^ int(b) for a, b in keys.tolist()]
 

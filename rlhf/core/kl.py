@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from rlhf.registry import Registry
+from rlhf.core.registry import Registry
 
 KL_ESTIMATORS = Registry("KL estimator")
 KL_CONTROLLERS = Registry("KL controller")

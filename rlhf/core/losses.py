@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from rlhf.logprobs import DEFAULT_CHUNK_SIZE, selective_log_softmax
+from rlhf.core.logprobs import DEFAULT_CHUNK_SIZE, selective_log_softmax
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -244,7 +244,7 @@ def lm_loss(
             (only `mask[:, 1:]` is used, since position 0 is never predicted). None counts every token.
         reduction: "mean" -> `()` mean over counted tokens (0 if none), "sum" -> `()`,
             "none" -> `(batch, seq_len - 1)` per-token loss with 0 where masked.
-        chunk_size: rows softmaxed at once (see `rlhf.logprobs.selective_log_softmax`).
+        chunk_size: rows softmaxed at once (see `rlhf.core.logprobs.selective_log_softmax`).
     """
     _check_reduction(reduction)
     _check_float("logits", logits)

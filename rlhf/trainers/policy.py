@@ -31,19 +31,11 @@ from accelerate.utils import DistributedType
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from rlhf.advantages import ADVANTAGE_ESTIMATORS
-from rlhf.checkpoint import (
-    CheckpointError,
-    CheckpointWriteError,
-    check_checkpoint,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-    set_aside_newer,
-)
 from rlhf.config import ConfigError, import_function
-from rlhf.kl import build_kl_controller, per_token_kl, shape_rewards
-from rlhf.losses import masked_mean, masked_whiten
+from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
+from rlhf.core.kl import build_kl_controller, per_token_kl, shape_rewards
+from rlhf.core.losses import masked_mean, masked_whiten
+from rlhf.core.objectives import POLICY_LOSSES, explained_variance, kl_loss, value_loss
 from rlhf.models import (
     BUILTIN_ARCHS,
     BUILTIN_PREFIX,
@@ -57,25 +49,24 @@ from rlhf.models import (
     same_tokenizer,
     value_model_from_policy,
 )
-from rlhf.objectives import POLICY_LOSSES, explained_variance, kl_loss, value_loss
-from rlhf.rollout import (
-    PolicyAndValue,
-    Rollout,
-    TokenValues,
-    generate,
-    policy_logprobs,
-    response_values,
-    score_responses,
+from rlhf.rewards.scoring import score_responses
+from rlhf.rollout.batch import Rollout
+from rlhf.rollout.forward import PolicyAndValue, TokenValues, policy_logprobs, response_values
+from rlhf.rollout.hf import generate
+from rlhf.rollout.sampling import minibatch_rows, row_keys
+from rlhf.runtime.accelerator import clip_and_step, make_accelerator
+from rlhf.runtime.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    check_checkpoint,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_aside_newer,
 )
-from rlhf.runlock import lock_run_dir
-from rlhf.runtime import (
-    clip_and_step,
-    gathered_for_generation,
-    make_accelerator,
-    zero3_gathered_for_generation,
-)
-from rlhf.sampling import minibatch_rows, row_keys
-from rlhf.tracking import MetricsLogger, truncate_metrics
+from rlhf.runtime.distributed import gathered_for_generation, zero3_gathered_for_generation
+from rlhf.runtime.runlock import lock_run_dir
+from rlhf.runtime.tracking import MetricsLogger, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +121,7 @@ class PolicyTrainer:
             torch.set_num_threads(t.torch_threads)
         self.acc = accelerator or make_accelerator(t)
         self.run_dir = self._shared_run_dir(cfg.run_dir)
-        # One writer per run folder, taken before anything loads or is written (rlhf.runlock); train() releases it.
+        # One writer per run folder, taken before anything loads or is written (rlhf.runtime.runlock); train() releases it.
         self.run_lock = lock_run_dir(self.acc, self.run_dir)
         try:
             self._setup()
@@ -341,7 +332,7 @@ class PolicyTrainer:
 
     def _build_engine(self):
         """The vLLM rollout engine, built from the policy as loaded (weights are synced before every rollout)."""
-        from rlhf.vllm_engine import VLLMEngine
+        from rlhf.rollout.vllm import VLLMEngine
 
         r, t = self.cfg.rollout, self.cfg.trainer
         dtype = r.vllm.dtype
@@ -700,7 +691,7 @@ class PolicyTrainer:
     def _minibatches(self, n: int, g: torch.Generator, device) -> list[torch.Tensor]:
         """One epoch's minibatches of this process's ``n`` rollout rows: trainer.minibatches index tensors of
         ``n // minibatches`` rows each. shuffle=process: slices of a permutation of this process's rows (seeded
-        by its rank). shuffle=global: rlhf.sampling.minibatch_rows, the same minibatches on any number of
+        by its rank). shuffle=global: rlhf.rollout.sampling.minibatch_rows, the same minibatches on any number of
         processes."""
         t = self.cfg.trainer
         size = n // t.minibatches
@@ -764,7 +755,7 @@ class PolicyTrainer:
         return stack
 
     def _optimizer_step(self) -> torch.Tensor | None:
-        """rlhf.runtime.clip_and_step: the gradient norm, or None (nothing moved) when it is not finite."""
+        """rlhf.runtime.accelerator.clip_and_step: the gradient norm, or None (nothing moved) when it is not finite."""
         return clip_and_step(self.acc, self.optimizer, self.scheduler, self.cfg.trainer.max_grad_norm)
 
     def _count_nonfinite(self, step: int, what: str) -> None:

@@ -12,13 +12,13 @@ import sys
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from rlhf.checkpoint import CheckpointError, CheckpointWriteError
     from rlhf.config import ConfigError
     from rlhf.models import ModelSpecError
-    from rlhf.rollout import RewardFunctionError
-    from rlhf.runlock import RunDirBusy
-    from rlhf.runtime import BackendMismatch
-    from rlhf.trainer import TrainingError
+    from rlhf.rewards.functions import RewardFunctionError
+    from rlhf.runtime.accelerator import BackendMismatch
+    from rlhf.runtime.checkpoint import CheckpointError, CheckpointWriteError
+    from rlhf.runtime.runlock import RunDirBusy
+    from rlhf.trainers.policy import TrainingError
 
     errors: list[type[BaseException]] = [BackendMismatch, ConfigError, CheckpointError, CheckpointWriteError,
                                          ModelSpecError, RewardFunctionError, RunDirBusy, TrainingError]
@@ -32,18 +32,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _interrupted() -> tuple[type[BaseException], ...]:
-    from rlhf.trainer import TrainingInterrupted
+    from rlhf.trainers.policy import TrainingInterrupted
 
     return (TrainingInterrupted,)
 
 
 def exit_on_user_error(fn):
     """Decorator for script entry points: a user error becomes ``error: <message>`` on stderr and exit code 2.
-    A finished run destroys its process group (rlhf.runtime.shutdown_distributed) before returning."""
+    A finished run destroys its process group (rlhf.runtime.accelerator.shutdown_distributed) before returning."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from rlhf.runtime import shutdown_distributed
+        from rlhf.runtime.accelerator import shutdown_distributed
 
         try:
             result = fn(*args, **kwargs)
@@ -67,14 +67,14 @@ def one_line_hydra_errors(entry):
     Hydra prints that report itself unless HYDRA_FULL_ERROR=1, in which case it raises; the wrapper sets it for the
     call and catches the composition errors. Anyone who set HYDRA_FULL_ERROR=1 still gets Hydra's traceback.
     Before Hydra writes into an explicit ``hydra.run.dir``, a folder that another live run holds stops the command
-    (rlhf.runlock.check_run_dir_free). Usage: ``one_line_hydra_errors(main)()`` under ``if __name__ == "__main__":``.
+    (rlhf.runtime.runlock.check_run_dir_free). Usage: ``one_line_hydra_errors(main)()`` under ``if __name__ == "__main__":``.
     """
 
     @functools.wraps(entry)
     def wrapper(*args, **kwargs):
         from hydra.errors import ConfigCompositionException, OverrideParseException
 
-        from rlhf.runlock import RunDirBusy, check_run_dir_free
+        from rlhf.runtime.runlock import RunDirBusy, check_run_dir_free
 
         try:
             check_run_dir_free(sys.argv[1:])

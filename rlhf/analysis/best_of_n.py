@@ -23,8 +23,9 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.models import Models
-from rlhf.rollout import generate, score_responses
-from rlhf.sampling import row_keys
+from rlhf.rewards.scoring import score_responses
+from rlhf.rollout.hf import generate
+from rlhf.rollout.sampling import row_keys
 
 # The counter sampler's "step" for best-of-n pools: far past any training step, so a pool never repeats the
 # samples of a training rollout with the same seed.
