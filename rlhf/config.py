@@ -66,7 +66,21 @@ class DataConfig:
 
 
 @dataclass
+class RewardSourceConfig:
+    type: str = MISSING
+    name: str | None = None
+    path: str | None = None
+    url: str | None = None
+    weight: float = 1.0
+    tokenizer: str | None = None
+    batch_size: int = 64
+    timeout_s: float = 30.0
+    retries: int = 3
+
+
+@dataclass
 class RewardConfig:
+    sources: list[RewardSourceConfig] = field(default_factory=list)
     function: str | None = AUTO
     function_weight: float = 1.0
     model_weight: float = 1.0
@@ -93,6 +107,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
     sampler: str = "counter"
     engine: str = "hf"
     vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig())
