@@ -66,6 +66,7 @@ def main(out_dir: str, overrides: list[str]) -> None:
 
     from rlhf.config import validate_policy_config
     from rlhf.trainers import policy as trainer_module
+    from rlhf.trainers import policy_state
     from tests.conftest import compose_policy
 
     acc = Accelerator(cpu=True)
@@ -75,13 +76,13 @@ def main(out_dir: str, overrides: list[str]) -> None:
     for name, log in calls.items():
         _record_calls(trainer, name, log)
     saves: list[int] = []
-    real_save = trainer_module.save_checkpoint
+    real_save = policy_state.save_checkpoint
 
     def counting_save(ckpt_root, step, write_fn, keep_last):
         saves.append(step)
         return real_save(ckpt_root, step, write_fn, keep_last)
 
-    trainer_module.save_checkpoint = counting_save
+    policy_state.save_checkpoint = counting_save
     history = trainer.train()
     record = {
         "rank": acc.process_index,

@@ -37,6 +37,7 @@ def _die() -> None:
 def install(phase: str, step: int) -> None:
     """Wrap the method of ``phase`` (one of PHASES) so that it kills this process at ``step``."""
     import rlhf.trainers.policy
+    import rlhf.trainers.policy_state
     from rlhf.trainers.policy import PolicyTrainer
 
     if phase == "generate":
@@ -70,7 +71,7 @@ def install(phase: str, step: int) -> None:
 
         PolicyTrainer.update, PolicyTrainer._optimizer_step = update_noting_step, step_then_die
     elif phase == "checkpoint":
-        save_checkpoint = rlhf.trainers.policy.save_checkpoint  # trainer.py imported it by name: patch that name
+        save_checkpoint = rlhf.trainers.policy_state.save_checkpoint  # policy_state imported it by name: patch that name
 
         @functools.wraps(save_checkpoint)
         def save_dying_before_marker(ckpt_root, at, write_fn, *args, **kwargs):
@@ -81,7 +82,7 @@ def install(phase: str, step: int) -> None:
 
             return save_checkpoint(ckpt_root, at, write_then_die if at == step else write_fn, *args, **kwargs)
 
-        rlhf.trainers.policy.save_checkpoint = save_dying_before_marker
+        rlhf.trainers.policy_state.save_checkpoint = save_dying_before_marker
     else:
         raise SystemExit(f"fault_worker: RLHF_KILL_PHASE must be one of {', '.join(PHASES)}, got {phase!r}")
 

@@ -137,12 +137,13 @@ def test_batch_8_with_accumulation_1_equals_batch_1_with_accumulation_8(tmp_path
 
 
 def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_stage=2, engine="hf", fsdp_version=2):
-    """Run PolicyTrainer._check_backend against a stand-in accelerator (accelerate builds DeepSpeed and FSDP on
-    GPUs only)."""
+    """Run the backend's and the rollout engine's checks against a stand-in accelerator (accelerate builds DeepSpeed
+    and FSDP on GPUs only)."""
     from types import SimpleNamespace
 
     from rlhf.config import validate_policy_config
-    from rlhf.trainers.policy import PolicyTrainer
+    from rlhf.runtime.backend import DistributedBackend
+    from rlhf.trainers.policy_setup import check_engine
 
     cfg = validate_policy_config(compose_policy([*FAST, "algorithm=rloo", *overrides], run_dir="unused"),
                                  world_size=2)
@@ -151,7 +152,9 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_sta
     fsdp = SimpleNamespace(fsdp_version=fsdp_version)
     acc = SimpleNamespace(distributed_type=dist_type, num_processes=2,
                           state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp))
-    PolicyTrainer._check_backend(SimpleNamespace(acc=acc, cfg=cfg, critic=object() if critic else None))
+    backend = DistributedBackend(acc)
+    backend.check(cfg.trainer, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt // 2, critic)
+    check_engine(cfg, backend)
 
 
 def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsdp():

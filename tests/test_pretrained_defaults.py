@@ -56,13 +56,13 @@ def user_model(tmp_path_factory) -> Path:
 
 
 def _no_model_load(monkeypatch):
-    import rlhf.trainers.policy
+    import rlhf.trainers.policy_setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the tokenizer error was found")
 
-    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainers.policy, "load_score_model", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_score_model", refuse)
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer

@@ -53,13 +53,13 @@ def _trainer(run_dir, *overrides):
 
 def _no_model_load(monkeypatch):
     """Make any weight loading fail loudly, to prove an error came before it."""
-    import rlhf.trainers.policy
+    import rlhf.trainers.policy_setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the input error was found")
 
-    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainers.policy, "load_score_model", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_score_model", refuse)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:

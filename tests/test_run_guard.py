@@ -95,14 +95,14 @@ def test_a_torn_lock_file_is_stale_and_the_same_process_may_take_its_lock_again(
 
 
 def test_the_trainer_stops_before_loading_a_model(tmp_path, other_process, monkeypatch, policy_cfg):
-    import rlhf.trainers.policy
+    import rlhf.trainers.policy_setup
     from rlhf.trainers.policy import PolicyTrainer
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the run folder is taken")
 
-    monkeypatch.setattr(rlhf.trainers.policy, "load_causal_lm", refuse)
-    monkeypatch.setattr(rlhf.trainers.policy, "load_tokenizer", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_causal_lm", refuse)
+    monkeypatch.setattr(rlhf.trainers.policy_setup, "load_tokenizer", refuse)
     _write_lock(tmp_path / "run", pid=other_process.pid, start=process_start_time(other_process.pid))
     with pytest.raises(RunDirBusy, match=f"pid {other_process.pid}"):
         PolicyTrainer(policy_cfg())

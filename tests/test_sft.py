@@ -197,6 +197,7 @@ def test_sft_on_a_text_file_without_evaluation(tmp_path):
 def test_non_finite_gradient_stops_the_run_without_touching_the_weights():
     from accelerate import Accelerator
 
+    from rlhf.runtime.backend import DistributedBackend
     from rlhf.trainers.policy import TrainingError
 
     layer = torch.nn.Linear(2, 1)
@@ -205,7 +206,7 @@ def test_non_finite_gradient_stops_the_run_without_touching_the_weights():
     optimizer, scheduler = build_optimizer(layer.parameters(), lr=0.1, weight_decay=0.0, betas=(0.9, 0.999),
                                            scheduler="constant", warmup_steps=0, max_steps=10)
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 3"):
-        optimizer_step(Accelerator(), optimizer, scheduler, max_grad_norm=1.0, step=3)
+        optimizer_step(DistributedBackend(Accelerator()), optimizer, scheduler, max_grad_norm=1.0, step=3)
     assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
 
 
@@ -295,11 +296,12 @@ def test_non_finite_weights_are_refused_before_saving(tmp_path):
     """fit checks the weights on every process (a collective) before rank 0 saves, so all processes stop together."""
     from accelerate import Accelerator
 
+    from rlhf.runtime.backend import DistributedBackend
     from rlhf.trainers.policy import TrainingError
     from rlhf.trainers.sft import _check_finite_everywhere
 
     model = torch.nn.Linear(2, 2)
-    acc = Accelerator(cpu=True)
+    acc = DistributedBackend(Accelerator(cpu=True))
     _check_finite_everywhere(acc, model, str(tmp_path))  # finite: no error
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
@@ -310,9 +312,9 @@ def test_non_finite_weights_are_refused_before_saving(tmp_path):
 def test_process_weight_is_one_on_a_single_process():
     from accelerate import Accelerator
 
-    from rlhf.trainers.sft import process_weight
+    from rlhf.runtime.backend import DistributedBackend
 
-    acc = Accelerator(cpu=True)
-    assert process_weight(acc, None) is None
+    backend = DistributedBackend(Accelerator(cpu=True))
+    assert backend.process_weight(None) is None
     # W * u / sum(u) with W = 1: 1 whatever the count (the 2-process case is tested in test_distributed.py).
-    assert process_weight(acc, torch.tensor(37.0)).item() == 1.0
+    assert backend.process_weight(torch.tensor(37.0)).item() == 1.0

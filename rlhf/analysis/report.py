@@ -697,24 +697,7 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     groups = group_rows(rows, axis)
     os.makedirs(out_dir, exist_ok=True)
     files = [write_csv(rows, os.path.join(out_dir, "report.csv"))]
-    no_kl = runs_without_kl(runs)
-    summary = [no_kl_note(r) for r in no_kl]
-    if no_kl and len(no_kl) == sum(bool(r.metrics) for r in runs):
-        summary.append("No run logged KL: the tables list scores only, with no frontier plot or fit.")
-    summary += best_lines(groups, axis, gold, kl_budget)
-    with_kl = [g for g in groups if math.isfinite(g["kl_mean"])]
-    if len(with_kl) >= 2:
-        kls = ", ".join(f"{g['kl_mean']:.2f}" for g in with_kl)
-        way = "decrease" if axis == "beta" else "increase"
-        ok = kl_monotone(with_kl, decreasing=axis == "beta")
-        name = "β" if axis == "beta" else "KL target"
-        left_out = "" if len(with_kl) == len(groups) else ", settings without KL left out"
-        summary.append(f"Mean final KL {way + 's' if ok else 'does NOT ' + way} monotonically as {name} grows "
-                       f"({kls} nats{left_out}).")
-    unfinished = [r for r in runs if not r.finished]
-    if unfinished:
-        summary.append(f"{len(unfinished)} of {len(runs)} runs are unfinished and left out of the means: "
-                       + "; ".join(f"{r.name} ({r.reason})" for r in unfinished) + ".")
+    summary = summary_lines(runs, groups, axis, gold, kl_budget)
 
     fit_lines: list[str] = []
     images: list[tuple[str, str]] = []
@@ -751,6 +734,30 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     files.append(_write_markdown(os.path.join(out_dir, "report.md"), sweep_dir, axis, gold, window, runs, rows,
                                  groups, summary, fit_lines, images, bon))
     return Report(runs, rows, groups, summary + fit_lines, files)
+
+
+def summary_lines(runs: list, groups: list[dict], axis: str, gold: bool, kl_budget: float | None) -> list[str]:
+    """The report's verdict lines: runs without KL, the best setting (within the KL budget), whether the mean final
+    KL moves monotonically with the swept value, and the unfinished runs."""
+    no_kl = runs_without_kl(runs)
+    summary = [no_kl_note(r) for r in no_kl]
+    if no_kl and len(no_kl) == sum(bool(r.metrics) for r in runs):
+        summary.append("No run logged KL: the tables list scores only, with no frontier plot or fit.")
+    summary += best_lines(groups, axis, gold, kl_budget)
+    with_kl = [g for g in groups if math.isfinite(g["kl_mean"])]
+    if len(with_kl) >= 2:
+        kls = ", ".join(f"{g['kl_mean']:.2f}" for g in with_kl)
+        way = "decrease" if axis == "beta" else "increase"
+        ok = kl_monotone(with_kl, decreasing=axis == "beta")
+        name = "β" if axis == "beta" else "KL target"
+        left_out = "" if len(with_kl) == len(groups) else ", settings without KL left out"
+        summary.append(f"Mean final KL {way + 's' if ok else 'does NOT ' + way} monotonically as {name} grows "
+                       f"({kls} nats{left_out}).")
+    unfinished = [r for r in runs if not r.finished]
+    if unfinished:
+        summary.append(f"{len(unfinished)} of {len(runs)} runs are unfinished and left out of the means: "
+                       + "; ".join(f"{r.name} ({r.reason})" for r in unfinished) + ".")
+    return summary
 
 
 def _fit_line(name: str, fit: FrontierFit, points: str) -> str:

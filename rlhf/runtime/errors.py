@@ -11,6 +11,19 @@ import os
 import sys
 
 
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite updates, non-finite weights, out of memory, ...). The message says
+    what to change."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; its checkpoint is written. ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.config import ConfigError
     from rlhf.models import ModelSpecError
@@ -18,7 +31,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from rlhf.runtime.accelerator import BackendMismatch
     from rlhf.runtime.checkpoint import CheckpointError, CheckpointWriteError
     from rlhf.runtime.runlock import RunDirBusy
-    from rlhf.trainers.policy import TrainingError
 
     errors: list[type[BaseException]] = [BackendMismatch, ConfigError, CheckpointError, CheckpointWriteError,
                                          ModelSpecError, RewardFunctionError, RunDirBusy, TrainingError]
@@ -32,8 +44,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _interrupted() -> tuple[type[BaseException], ...]:
-    from rlhf.trainers.policy import TrainingInterrupted
-
     return (TrainingInterrupted,)
 
 

@@ -39,6 +39,7 @@ from rlhf.config import REWARD_OBJECTIVES
 from rlhf.core.losses import binary_cross_entropy_with_logits, huber, mae, mse
 from rlhf.core.objectives import bradley_terry_loss, preference_accuracy
 from rlhf.models import sequence_scores
+from rlhf.runtime.backend import DistributedBackend
 from rlhf.trainers.sft import FINAL_DIR, Batch, fit, num_rows, run_stage, save_final, strided_rows, take
 
 log = logging.getLogger(__name__)
@@ -130,20 +131,20 @@ def batch_scores(scorer: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dataset_scores(scorer: nn.Module, data: Batch, batch_size: int, acc: Accelerator) -> torch.Tensor:
+def dataset_scores(scorer: nn.Module, data: Batch, batch_size: int, backend: DistributedBackend) -> torch.Tensor:
     """``(rows, k)`` scores of all rows of ``data``, each process scoring every ``num_processes``-th row."""
     rows = num_rows(data)
-    mine = strided_rows(rows, acc.process_index, acc.num_processes)
+    mine = strided_rows(rows, backend.process_index, backend.num_processes)
     k = data["input_ids"].shape[1]
-    out = torch.zeros(len(mine), k, device=acc.device)
+    out = torch.zeros(len(mine), k, device=backend.device)
     for start in range(0, len(mine), batch_size):
         idx = mine[start:start + batch_size]
-        out[start:start + len(idx)] = batch_scores(scorer, take(data, idx, acc.device))
-    if acc.num_processes == 1:
+        out[start:start + len(idx)] = batch_scores(scorer, take(data, idx, backend.device))
+    if backend.num_processes == 1:
         return out
-    per = math.ceil(rows / acc.num_processes)
-    gathered = acc.gather(F.pad(out, (0, 0, 0, per - out.shape[0])).contiguous())
-    return unstride(gathered, acc.num_processes, rows)
+    per = math.ceil(rows / backend.num_processes)
+    gathered = backend.gather(F.pad(out, (0, 0, 0, per - out.shape[0])).contiguous())
+    return unstride(gathered, backend.num_processes, rows)
 
 
 def unstride(gathered: torch.Tensor, world_size: int, rows: int) -> torch.Tensor:
@@ -290,12 +291,12 @@ def load_reward_init(spec: str, tokenizer, dtype: str = "float32", seed: int = 0
 
 
 # ---------------------------------------------------------------------- the stage
-def evaluate_reward(scorer: nn.Module, data: Batch, cfg: DictConfig, acc: Accelerator,
+def evaluate_reward(scorer: nn.Module, data: Batch, cfg: DictConfig, backend: DistributedBackend,
                     reference: dict | None) -> dict[str, float]:
     """Held-out ``eval/loss`` and the objective's stats over all of ``data``; with built-in pairs also
     ``eval/ceiling``, ``eval/gold_label_accuracy`` (see ``builtin_eval_reference``) and ``eval/gold_agreement``."""
     scorer.eval()
-    scores = dataset_scores(scorer, data, cfg.trainer.eval_batch_size, acc).cpu()
+    scores = dataset_scores(scorer, data, cfg.trainer.eval_batch_size, backend).cpu()
     scorer.train()
     targets = {k: v for k, v in data.items() if k in ("margin", "label")}
     loss, stats = objective_loss(cfg.objective, scores, targets, cfg.loss)
@@ -316,7 +317,7 @@ def train_reward(cfg: DictConfig, accelerator: Accelerator | None = None) -> lis
     return run_stage(cfg, accelerator, _train_reward)
 
 
-def _train_reward(cfg: DictConfig, acc: Accelerator) -> list[dict]:
+def _train_reward(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     from rlhf.models import check_tokenizer_fits, load_tokenizer
 
     d = cfg.data
@@ -340,12 +341,12 @@ def _train_reward(cfg: DictConfig, acc: Accelerator) -> list[dict]:
         return objective_loss(cfg.objective, batch_scores(module, batch), batch, cfg.loss)
 
     def evaluate(module: nn.Module) -> dict[str, float]:
-        return evaluate_reward(module, held_out, cfg, acc, reference) if held_out is not None else {}
+        return evaluate_reward(module, held_out, cfg, backend, reference) if held_out is not None else {}
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
-    history = fit(cfg, acc, scorer, train, batch_loss, evaluate,                        # 3. train
+    history = fit(cfg, backend, scorer, train, batch_loss, evaluate,                        # 3. train
                   lambda m: save_final(m.model, tokenizer, folder))
-    if acc.is_main_process:
+    if backend.is_main:
         log.info(reward_summary(cfg.objective, history, folder))
     return history
 

@@ -31,7 +31,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from rlhf.core.losses import lm_loss, perplexity
-from rlhf.runtime.accelerator import clip_and_step, make_accelerator
+from rlhf.runtime.accelerator import make_accelerator
+from rlhf.runtime.backend import DistributedBackend, all_finite
+from rlhf.runtime.errors import TrainingError
 from rlhf.runtime.runlock import locked_run_dir
 from rlhf.runtime.tracking import MetricsLogger
 
@@ -148,15 +150,15 @@ def strided_rows(rows: int, rank: int, world_size: int) -> torch.Tensor:
     return torch.arange(rank, rows, world_size)
 
 
-def evaluate_lm(model: nn.Module, data: Batch, batch_size: int, acc: Accelerator) -> dict[str, float]:
+def evaluate_lm(model: nn.Module, data: Batch, batch_size: int, backend: DistributedBackend) -> dict[str, float]:
     """Held-out ``eval/loss`` (token-weighted mean over all processes' rows) and ``eval/perplexity``."""
     model.eval()
-    mine = take(data, strided_rows(num_rows(data), acc.process_index, acc.num_processes))
+    mine = take(data, strided_rows(num_rows(data), backend.process_index, backend.num_processes))
     sums = torch.zeros(2, dtype=torch.float64)
     if num_rows(mine):
-        sums = lm_eval_sums(model, mine, batch_size, acc.device)
-    if acc.num_processes > 1:
-        sums = acc.reduce(sums.to(acc.device), reduction="sum").cpu()
+        sums = lm_eval_sums(model, mine, batch_size, backend.device)
+    if backend.num_processes > 1:
+        sums = backend.sum(sums.to(backend.device)).cpu()
     model.train()
     loss = float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
     return {"eval/loss": loss, "eval/perplexity": perplexity(loss) if math.isfinite(loss) else math.nan}
@@ -172,42 +174,26 @@ def build_optimizer(params, *, lr: float, weight_decay: float, betas: tuple[floa
     return optimizer, schedule
 
 
-def optimizer_step(acc: Accelerator, optimizer, scheduler, max_grad_norm: float | None,
+def optimizer_step(backend: DistributedBackend, optimizer, scheduler, max_grad_norm: float | None,
                    step: int) -> float:
     """rlhf.runtime.accelerator.clip_and_step; a non-finite norm stops the run (on every process: the norm is the same
     everywhere) with nothing moved. Returns the norm before clipping."""
-    from rlhf.trainers.policy import TrainingError
-
-    norm = clip_and_step(acc, optimizer, scheduler, max_grad_norm)
+    norm = backend.clip_and_step(optimizer, scheduler, max_grad_norm)
     if norm is None:
         raise TrainingError(f"trainer.lr: non-finite loss or gradient at step {step}; lower trainer.lr, set "
                             "trainer.max_grad_norm, or check the data")
     return float(norm)
 
 
-def process_weight(acc: Accelerator, units: torch.Tensor | None) -> torch.Tensor | None:
-    """``()`` weight ``world_size * units / sum of units over processes`` (a collective), or None without units.
-
-    A per-process mean times this weight, averaged over processes (what DDP does to gradients), is the mean over
-    all units: ``(1/W) sum_r W u_r / U * mean_r = sum_r sum_r_units / U``.
-    """
-    if units is None:
-        return None
-    units = units.detach().float().reshape(()).to(acc.device)
-    total = acc.reduce(units.clone(), reduction="sum") if acc.num_processes > 1 else units
-    return acc.num_processes * units / total.clamp(min=1.0)
-
-
-def _mean_over_processes(acc: Accelerator, values: dict[str, torch.Tensor],
+def _mean_over_processes(backend: DistributedBackend, values: dict[str, torch.Tensor],
                          weight: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean of each ``()`` value over processes, each process's value times ``weight`` (see process_weight)."""
+    """Mean of each ``()`` value over processes, each process's value times ``weight``
+    (rlhf.runtime.backend.process_weight)."""
     names = list(values)
-    stacked = torch.stack([values[k].detach().float().reshape(()).to(acc.device) for k in names])
+    stacked = torch.stack([values[k].detach().float().reshape(()).to(backend.device) for k in names])
     if weight is not None:
         stacked = stacked * weight
-    if acc.num_processes > 1:
-        stacked = acc.reduce(stacked, reduction="mean")
-    return dict(zip(names, stacked.tolist()))
+    return dict(zip(names, backend.mean(stacked).tolist()))
 
 
 # ---------------------------------------------------------------------- saving
@@ -216,8 +202,6 @@ def save_final(model, tokenizer, folder: str) -> str:
 
     A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
     """
-    from rlhf.trainers.policy import TrainingError
-
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
     tmp = folder.rstrip("/") + ".tmp"
@@ -231,7 +215,7 @@ def save_final(model, tokenizer, folder: str) -> str:
 
 
 # ---------------------------------------------------------------------- the loop
-def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batch_loss: BatchLoss,
+def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: Batch, batch_loss: BatchLoss,
         evaluate: Evaluate, save: Callable[[nn.Module], None],
         derive: Callable[[dict[str, float]], dict[str, float]] | None = None) -> list[dict]:
     """The supervised loop of SFT and reward training; returns the metric lines, one per logged step.
@@ -255,17 +239,11 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
     optimizer, scheduler = build_optimizer(
         (p for p in module.parameters() if p.requires_grad), lr=t.lr, weight_decay=t.weight_decay,
         betas=t.adam_betas, scheduler=t.scheduler, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
-    module, optimizer = acc.prepare(module, optimizer)
-    logger = MetricsLogger(cfg.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
+    module, optimizer = backend.acc.prepare(module, optimizer)
+    logger = MetricsLogger(cfg.run_dir, enabled=backend.is_main, tensorboard=cfg.logging.tensorboard,
                            wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
                            config=OmegaConf.to_container(cfg, resolve=True))
-    rows = num_rows(train)
-    bar = None
-    if cfg.logging.progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=t.max_steps, desc=os.path.basename(cfg.run_dir) or "train", dynamic_ncols=True)
-    history = []
+    rows, bar, history = num_rows(train), _progress_bar(cfg, backend.is_main), []
     try:
         for step in range(t.max_steps + 1):
             metrics: dict = {"step": step}
@@ -273,7 +251,7 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
             if evaluated:
                 metrics.update(evaluate(module))
             if step < t.max_steps:
-                metrics.update(_train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg,
+                metrics.update(_train_step(backend, module, optimizer, scheduler, train, rows, batch_loss, cfg,
                                            step))
                 if derive is not None:
                     metrics.update(derive(metrics))
@@ -287,35 +265,38 @@ def fit(cfg: DictConfig, acc: Accelerator, module: nn.Module, train: Batch, batc
         if bar is not None:
             bar.close()
         logger.close()
-    _check_finite_everywhere(acc, module, cfg.run_dir)
-    if acc.is_main_process:
-        save(acc.unwrap_model(module))
-    acc.wait_for_everyone()
+    _check_finite_everywhere(backend, module, cfg.run_dir)
+    if backend.is_main:
+        save(backend.unwrap(module))
+    backend.wait()
     return history
 
 
-def _check_finite_everywhere(acc: Accelerator, module: nn.Module, run_dir: str) -> None:
-    """Raise TrainingError on every process when any process holds a non-finite weight (a collective)."""
-    from rlhf.trainers.policy import TrainingError
+def _progress_bar(cfg: DictConfig, is_main: bool):
+    if not (cfg.logging.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
 
-    bad = torch.tensor(float(not all(torch.isfinite(p).all() for p in module.parameters())), device=acc.device)
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, reduction="sum")
-    if bad.item() > 0:
+    return tqdm(total=cfg.trainer.max_steps, desc=os.path.basename(cfg.run_dir) or "train", dynamic_ncols=True)
+
+
+def _check_finite_everywhere(backend: DistributedBackend, module: nn.Module, run_dir: str) -> None:
+    """Raise TrainingError on every process when any process holds a non-finite weight (a collective)."""
+    if backend.any(not all_finite(module)):
         raise TrainingError(f"trained weights are not finite; {os.path.join(run_dir, FINAL_DIR)} not "
                             "written (lower trainer.lr)")
 
 
-def _train_step(acc, module, optimizer, scheduler, train, rows, batch_loss, cfg, step) -> dict[str, float]:
+def _train_step(backend, module, optimizer, scheduler, train, rows, batch_loss, cfg, step) -> dict[str, float]:
     t = cfg.trainer
     t0 = time.perf_counter()
-    idx = shard(batch_indices(rows, t.batch_size, step, cfg.seed), acc.process_index, acc.num_processes)
-    loss, stats = batch_loss(module, take(train, idx, acc.device))
-    weight = process_weight(acc, stats.pop(UNITS, None))
-    acc.backward(loss * weight if weight is not None else loss)
+    idx = shard(batch_indices(rows, t.batch_size, step, cfg.seed), backend.process_index, backend.num_processes)
+    loss, stats = batch_loss(module, take(train, idx, backend.device))
+    weight = backend.process_weight(stats.pop(UNITS, None))
+    backend.backward(loss * weight if weight is not None else loss)
     lr = scheduler.get_last_lr()[0]
-    grad_norm = optimizer_step(acc, optimizer, scheduler, t.max_grad_norm, step)
-    out = {f"train/{k}": v for k, v in _mean_over_processes(acc, {"loss": loss, **stats}, weight).items()}
+    grad_norm = optimizer_step(backend, optimizer, scheduler, t.max_grad_norm, step)
+    out = {f"train/{k}": v for k, v in _mean_over_processes(backend, {"loss": loss, **stats}, weight).items()}
     out.update({"train/lr": lr, "train/grad_norm": grad_norm, "time/step_s": time.perf_counter() - t0})
     return out
 
@@ -346,17 +327,17 @@ def train_sft(cfg: DictConfig, accelerator: Accelerator | None = None) -> list[d
 
 
 def run_stage(cfg: DictConfig, accelerator: Accelerator | None,
-              body: Callable[[DictConfig, Accelerator], list[dict]]) -> list[dict]:
-    """Run an SFT or reward stage's ``body(cfg, acc)`` with the stage's thread count and Accelerator, holding the run
+              body: Callable[[DictConfig, DistributedBackend], list[dict]]) -> list[dict]:
+    """Run an SFT or reward stage's ``body(cfg, backend)`` with the stage's thread count and Accelerator, holding the run
     folder's lock (rlhf.runtime.runlock: one writer per folder, taken before anything loads)."""
     if cfg.trainer.torch_threads:
         torch.set_num_threads(cfg.trainer.torch_threads)
-    acc = accelerator or make_accelerator(cfg.trainer)
-    with locked_run_dir(acc, cfg.run_dir):
-        return body(cfg, acc)
+    backend = DistributedBackend(accelerator or make_accelerator(cfg.trainer))
+    with locked_run_dir(backend.acc, cfg.run_dir):
+        return body(cfg, backend)
 
 
-def _train_sft(cfg: DictConfig, acc: Accelerator) -> list[dict]:
+def _train_sft(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     from rlhf.data import tokenize_sft
     from rlhf.models import check_tokenizer_fits, load_causal_lm, load_tokenizer
 
@@ -372,12 +353,12 @@ def _train_sft(cfg: DictConfig, acc: Accelerator) -> list[dict]:
     model.train()
 
     def evaluate(module: nn.Module) -> dict[str, float]:
-        return evaluate_lm(module, held_out, t.eval_batch_size, acc) if held_out is not None else {}
+        return evaluate_lm(module, held_out, t.eval_batch_size, backend) if held_out is not None else {}
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
-    history = fit(cfg, acc, model, train, sft_batch_loss, evaluate,                     # 3. train
+    history = fit(cfg, backend, model, train, sft_batch_loss, evaluate,                     # 3. train
                   lambda m: save_final(m, tokenizer, folder), derive=sft_train_metrics)
-    if acc.is_main_process:
+    if backend.is_main:
         log.info(sft_summary(history, folder))
     return history
 

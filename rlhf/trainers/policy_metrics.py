@@ -1,0 +1,108 @@
+"""Step 6 of the policy loop, log: the metric line of a step, as global means over all processes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from omegaconf import OmegaConf
+
+from rlhf.core.losses import masked_mean
+from rlhf.rollout.batch import Rollout
+from rlhf.runtime.backend import DistributedBackend
+from rlhf.runtime.checkpoint import set_aside_newer
+from rlhf.runtime.tracking import MetricsLogger, truncate_metrics
+
+
+def step_metrics(backend: DistributedBackend, step: int, ro: Rollout, kl_seq: torch.Tensor | None,
+                 gold: torch.Tensor | None, beta: float, update_stats: dict, ev, lr: float,
+                 extra_means: dict[str, torch.Tensor] | None = None) -> dict:
+    """One metric line: global means over all processes' sequences (and of the update's statistics, which the
+    update already weighted by each process's share). ``kl_seq (N,)``: k1 KL summed over each response, or None
+    without a reference (then ``kl`` is NaN and ``reward`` is the score). ``extra_means``: more ``(N,)`` per-sequence
+    values to average (e.g. each reward source's score)."""
+    mask = ro.response_mask
+    # (sum, count) pairs, reduced once over all processes.
+    pairs = {
+        "score": (ro.scores.sum(), ro.scores.numel()),
+        "entropy": (masked_mean(ro.entropy, mask, dim=-1).sum(), mask.shape[0]),
+        "response_length": (mask.sum().float(), mask.shape[0]),
+    }
+    if kl_seq is not None:
+        pairs["kl"] = (kl_seq.sum(), kl_seq.numel())
+    if gold is not None:
+        pairs["gold_score"] = (gold.sum(), gold.numel())
+    for k, v in (extra_means or {}).items():
+        pairs[k] = (v.float().sum(), v.numel())
+    for k, v in update_stats.items():
+        pairs[k] = (torch.as_tensor(v, dtype=torch.float32), 1)
+    names = list(pairs)
+    dev = backend.device
+    sums = torch.stack([torch.as_tensor(pairs[k][0], dtype=torch.float32, device=dev) for k in names])
+    counts = torch.tensor([float(pairs[k][1]) for k in names], device=dev)
+    sums, counts = backend.sum(sums), backend.sum(counts)
+    values = (sums / counts).tolist()
+    out = {"step": step, **dict(zip(names, values))}
+    out.setdefault("kl", float("nan"))
+    out["beta"] = beta
+    out["reward"] = out["score"] - beta * out["kl"] if math.isfinite(out["kl"]) else out["score"]
+    out["policy/lr"] = lr
+    if ev is not None:
+        out["value/explained_variance"] = float(ev)
+    if torch.cuda.is_available():
+        out["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def sample_rows(prompts: list[str], completions: list[str], scores: torch.Tensor, samples_per_prompt: int,
+                n: int = 4) -> list[dict]:
+    """The first ``n`` completions of a step with their prompt and score, for samples.jsonl and TensorBoard."""
+    k = samples_per_prompt
+    return [{"prompt": prompts[i // k], "completion": completions[i], "score": float(scores[i])}
+            for i in range(min(n, len(completions)))]
+
+
+def add_timings(metrics: dict, rollout_cfg, t_generate: float, t_sync: float | None, t_score: float,
+                t_update: float, t_step: float) -> None:
+    """The step's ``time/*`` metrics, and generated tokens per second over all processes."""
+    r = rollout_cfg
+    metrics["time/generated_tokens_per_s"] = (metrics["response_length"] * r.prompts_per_step
+                                              * r.samples_per_prompt / max(t_generate, 1e-9))
+    if t_sync is not None:
+        metrics["time/weight_sync_s"] = t_sync  # part of time/generate_s
+    metrics.update({"time/generate_s": t_generate, "time/score_s": t_score, "time/update_s": t_update,
+                    "time/step_s": t_step})
+
+
+def open_logger(cfg, run_dir: str, is_main: bool, start_step: int, ckpt_root: str) -> MetricsLogger:
+    """metrics.jsonl / TensorBoard / W&B on the main process. On resume, what a killed run logged past its checkpoint
+    is dropped (also with resume=auto and no checkpoint yet), TensorBoard hides it, and newer checkpoints are set
+    aside (rlhf.runtime.checkpoint.set_aside_newer)."""
+    resumed = cfg.trainer.resume is not None
+    logger = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, config=OmegaConf.to_container(cfg, resolve=True),
+                           purge_step=start_step if resumed else None)
+    if is_main and resumed:
+        truncate_metrics(logger.path, start_step - 1)
+        truncate_metrics(logger.samples_path, start_step - 1)
+        for path in set_aside_newer(ckpt_root, start_step):
+            warnings.warn(f"trainer.resume: newer checkpoint moved to {path} (this run continues from step "
+                          f"{start_step})", stacklevel=4)
+    return logger
+
+
+def start_line(cfg, backend: DistributedBackend, start_step: int, run_dir: str) -> str:
+    """The run's first log line: algorithm, device, backend, processes, precision, steps, run folder."""
+    return (f"advantage {cfg.algorithm.advantage}, loss {cfg.algorithm.policy_loss} on {backend.device}: "
+            f"{backend.describe()}, {backend.num_processes} process(es), mixed precision "
+            f"{backend.acc.mixed_precision}, steps {start_step} to {cfg.trainer.max_steps}, run_dir {run_dir}")
+
+
+def progress_bar(cfg, is_main: bool, start_step: int):
+    """A tqdm bar over the run's steps on the main process when logging.progress, else None."""
+    if not (cfg.logging.progress and is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, initial=start_step, desc="rlhf", dynamic_ncols=True)

@@ -1,0 +1,183 @@
+"""What the policy trainer needs before its first step, as functions: the checkpoint to resume, the prompts and their
+length check, the models of the run, the optimizer and the rollout engine.
+
+Each problem a user can fix is found here with a one-line error, and data problems before any weights load.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf.config import ConfigError
+from rlhf.models import (
+    BUILTIN_ARCHS,
+    BUILTIN_PREFIX,
+    Models,
+    check_tokenizer_fits,
+    freeze,
+    is_builtin,
+    load_causal_lm,
+    load_score_model,
+    load_tokenizer,
+    same_tokenizer,
+    value_model_from_policy,
+)
+from rlhf.runtime.backend import DistributedBackend
+from rlhf.runtime.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
+
+
+def resolve_resume(resume: str | None, ckpt_root: str, backend: DistributedBackend) -> str | None:
+    """The checkpoint every process resumes from, the same on all of them (any world size may resume it): None,
+    ``auto`` (the main process's newest complete checkpoint under ``ckpt_root``) or a checkpoint folder."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        # The main process's choice: another machine's copy of run_dir may hold an older checkpoint, or none.
+        resume = backend.from_main(latest_checkpoint(ckpt_root))
+        if resume is None:
+            warnings.warn(f"trainer.resume=auto: no complete checkpoint under {ckpt_root}; starting at step 0",
+                          stacklevel=3)
+            return None
+    try:
+        check_checkpoint(resume)
+    except CheckpointError as e:
+        if backend.is_main:
+            raise
+        raise CheckpointError(f"{e} on process {backend.process_index}; every machine must see run_dir "
+                              "(a shared filesystem)") from None
+    return resume
+
+
+def context_length(spec: str) -> int | None:
+    """The policy's context in tokens, read from its config without loading weights; None when it has no limit."""
+    if is_builtin(spec) and spec[len(BUILTIN_PREFIX):] in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[spec[len(BUILTIN_PREFIX):]].get("max_position_embeddings")
+    from transformers import AutoConfig
+
+    from rlhf.models import resolve_spec
+
+    return getattr(AutoConfig.from_pretrained(os.path.expanduser(resolve_spec(spec))), "max_position_embeddings",
+                   None)
+
+
+def load_prompts(cfg: DictConfig) -> list[str]:
+    from rlhf.data import load_prompts as load
+
+    d = cfg.data
+    return load(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed)
+
+
+def check_prompt_lengths(cfg: DictConfig, prompts: list[str], tok) -> None:
+    """Prompts longer than data.max_prompt_length are refused, not truncated (a cut prompt is silently another
+    task), and the longest allowed prompt plus the response must fit the policy's context."""
+    from rlhf.data import DataError
+
+    d, new_tokens = cfg.data, cfg.rollout.max_new_tokens
+    limit = d.max_prompt_length
+    ctx = context_length(cfg.model.policy)
+    if ctx is not None and limit + new_tokens > ctx:
+        raise ConfigError(f"data.max_prompt_length: {limit} + rollout.max_new_tokens {new_tokens} exceeds the "
+                          f"policy's context of {ctx} tokens; lower one of them")
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+    for i, n in enumerate(lengths):
+        if n > limit:
+            raise DataError(f"data.max_prompt_length: prompt {i} (0-based) of {d.prompts!r} has {n} tokens > "
+                            f"{limit}; prompts are refused, not truncated: shorten or drop it, or raise "
+                            "data.max_prompt_length")
+
+
+def load_policy_tokenizer(cfg: DictConfig):
+    """The tokenizer of the policy (``model.tokenizer``, else the policy's own), checked against the policy."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
+    check_tokenizer_fits(tokenizer, cfg.model.policy, cfg.model.tokenizer)
+    return tokenizer
+
+
+def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int | None) -> Models:
+    """Policy, frozen reference (when a KL is measured), reward model and its tokenizer, critic (PPO)."""
+    m = cfg.model
+    policy_spec = os.path.join(resume_from, "policy") if resume_from else m.policy
+    policy = load_causal_lm(policy_spec, tok, m.dtype, seed=cfg.seed)
+    reference = None
+    if cfg.kl.beta > 0 or cfg.kl.log_at_zero_beta or cfg.kl.controller == "adaptive":
+        # The reference is the starting policy, also when the policy itself comes from a checkpoint. Under
+        # ZeRO-3 transformers builds models already partitioned (zero.Init), and those cannot be deep-copied.
+        copyable = not resume_from and zero_stage != 3
+        reference = freeze(copy.deepcopy(policy) if copyable
+                           else load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed))
+    reward, reward_tok = load_reward_model(cfg, tok)
+    value = None
+    if cfg.algorithm.critic:
+        value = load_critic(cfg, tok, policy, reward, reward_tok, resume_from)
+        value.train()
+    policy.train()
+    return Models(policy, reference, reward, value, tok, reward_tok)
+
+
+def load_reward_model(cfg: DictConfig, tok):
+    """``(reward model, its tokenizer)``; the tokenizer is None when it is the policy's (ids are passed as they
+    are), and both are None without ``model.reward``."""
+    m = cfg.model
+    if m.reward is None:
+        return None, None
+    reward_tok = load_tokenizer(m.reward_tokenizer or m.reward, padding_side="right")
+    check_tokenizer_fits(reward_tok, m.reward, m.reward_tokenizer, "model.reward_tokenizer", "model.reward")
+    # A built-in reward model is built for the tokenizer that feeds it, which is its own.
+    reward = freeze(load_score_model(m.reward, reward_tok, m.dtype, seed=cfg.seed))
+    return reward, (None if same_tokenizer(tok, reward_tok) else reward_tok)
+
+
+def load_critic(cfg: DictConfig, tok, policy, reward, reward_tok, resume_from: str | None):
+    """PPO's critic: from the checkpoint when resuming; else ``model.value``; else a copy of the reward model when
+    it shares the policy's tokenizer; else the policy's backbone with a zero scalar head."""
+    m = cfg.model
+    if resume_from:
+        return load_score_model(os.path.join(resume_from, "value"), tok, m.dtype, key="trainer.resume")
+    if m.value is not None and m.value != "policy":
+        return load_score_model(m.value, tok, m.dtype, seed=cfg.seed, key="model.value")
+    if m.value is None and reward is not None and reward_tok is None:
+        return copy.deepcopy(reward).requires_grad_(True)
+    return value_model_from_policy(policy, tok)
+
+
+def build_optimizer(cfg: DictConfig, policy, critic) -> torch.optim.Optimizer:
+    """One AdamW: the policy's trainable parameters at ``trainer.lr``, then the critic's at ``trainer.value_lr``."""
+    t = cfg.trainer
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": t.lr}]
+    if critic is not None:
+        groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": t.value_lr})
+    return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+
+
+def check_engine(cfg: DictConfig, backend: DistributedBackend) -> None:
+    """Rollout engines that cannot follow a sharded policy are refused under FSDP2 and ZeRO-3 (one line)."""
+    if cfg.rollout.engine != "vllm":
+        return
+    if backend.kind == "fsdp2":
+        raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but FSDP2 "
+                          "shards it; use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml with vllm")
+    if backend.kind == "zero3":
+        raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but ZeRO-3 shards "
+                          "it; use configs/accelerate/deepspeed_zero2.yaml or ddp.yaml with vllm")
+
+
+def build_engine(cfg: DictConfig, policy, tokenizer):
+    """The vLLM rollout engine, built from the policy as loaded (weights are synced before every rollout); None
+    for the hf engine, which decodes with the policy itself."""
+    if cfg.rollout.engine != "vllm":
+        return None
+    from rlhf.rollout.vllm import VLLMEngine
+
+    r, t = cfg.rollout, cfg.trainer
+    dtype = r.vllm.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if t.mixed_precision == "bf16" else cfg.model.dtype
+    # Prompts longer than data.max_prompt_length were refused before any model loaded.
+    return VLLMEngine(policy, tokenizer, seed=cfg.seed, dtype=dtype,
+                      max_model_len=cfg.data.max_prompt_length + r.max_new_tokens, enforce_eager=r.vllm.enforce_eager,
+                      gpu_memory_utilization=r.vllm.gpu_memory_utilization, cpu_kv_cache_gb=r.vllm.cpu_kv_cache_gb)
