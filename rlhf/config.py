@@ -36,14 +36,19 @@ RANDOM_INIT_LR = {"policy": 1e-3, "value": 1e-3, "sft": 3e-3, "reward": 1e-3}
 PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5}
 
 
+# The dataclasses below are schemas only: a field's type, and MISSING where a value would go. Every default lives in
+# the YAML (configs/), next to the comment that explains it, so there is one value to change and nothing to drift
+# (tests/test_config_schema.py checks that the YAML's keys are exactly these fields). The exceptions, each said where
+# it stands: None where it means "unset" (AlgorithmConfig), the items of a list (RewardSourceConfig), and the three
+# TrainerConfig fields that code building a TrainerConfig without YAML reads (make_accelerator).
 @dataclass
 class ModelConfig:
     policy: str = MISSING
-    tokenizer: str | None = None  # null = the policy's own
-    reward: str | None = None
-    reward_tokenizer: str | None = None
-    value: str | None = None
-    dtype: str = "float32"
+    tokenizer: str | None = MISSING  # null = the policy's own
+    reward: str | None = MISSING
+    reward_tokenizer: str | None = MISSING
+    value: str | None = MISSING
+    dtype: str = MISSING
 
 
 @dataclass
@@ -51,22 +56,27 @@ class AlgorithmConfig:
     advantage: str = MISSING
     policy_loss: str = MISSING
     critic: bool = MISSING
-    gamma: float = 1.0
-    lam: float = 1.0
-    std_normalize: bool = False
+    # The estimator's hyperparameters: None = unset. The advantage estimator declares which it reads
+    # (rlhf.core.advantages.AdvantageInfo.reads); validation requires those and refuses the others, so an
+    # algorithm preset sets what its estimator reads and leaves the rest null.
+    gamma: float | None = None
+    lam: float | None = None
+    std_normalize: bool | None = None
 
 
 @dataclass
 class DataConfig:
     prompts: str = MISSING
-    prompt_column: str = "prompt"
-    split: str = "train"
-    num_prompts: int | None = 2048
-    max_prompt_length: int = 64
+    prompt_column: str = MISSING
+    split: str = MISSING
+    num_prompts: int | None = MISSING
+    max_prompt_length: int = MISSING
 
 
 @dataclass
 class RewardSourceConfig:
+    # An item of the reward.sources list keeps its defaults here: YAML gives a list no per-item defaults (policy.yaml
+    # holds `sources: []` and a user writes only the keys one source needs), so the schema is their only home.
     type: str = MISSING
     name: str | None = None
     path: str | None = None
@@ -80,22 +90,22 @@ class RewardSourceConfig:
 
 @dataclass
 class RewardConfig:
-    sources: list[RewardSourceConfig] = field(default_factory=list)
-    function: str | None = AUTO
-    function_weight: float = 1.0
-    model_weight: float = 1.0
-    gold: str | None = AUTO
-    missing_eos_penalty: float | None = None
-    clip: float | None = None
-    timeout_s: float | None = 600.0
+    sources: list[RewardSourceConfig] = MISSING
+    function: str | None = MISSING  # AUTO = the built-in task's (resolve_policy_defaults)
+    function_weight: float = MISSING
+    model_weight: float = MISSING
+    gold: str | None = MISSING
+    missing_eos_penalty: float | None = MISSING
+    clip: float | None = MISSING
+    timeout_s: float | None = MISSING
 
 
 @dataclass
-class VLLMConfig:
-    dtype: str = "auto"
-    gpu_memory_utilization: float = 0.3
-    enforce_eager: bool = False
-    cpu_kv_cache_gb: int = 1
+class VLLMConfig:  # rollout.vllm: a mapping in policy.yaml, so each field has its YAML default like any other
+    dtype: str = MISSING
+    gpu_memory_utilization: float = MISSING
+    enforce_eager: bool = MISSING
+    cpu_kv_cache_gb: int = MISSING
 
 
 @dataclass
@@ -103,74 +113,76 @@ class RolloutConfig:
     prompts_per_step: int = MISSING
     samples_per_prompt: int = MISSING
     max_new_tokens: int = MISSING
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    sampler: str = "counter"
-    engine: str = "hf"
-    vllm: VLLMConfig = field(default_factory=lambda: VLLMConfig())
-    logprob_chunk_size: int = 1024
-    gather_for_generation: bool = True
+    min_new_tokens: int = MISSING
+    temperature: float = MISSING
+    top_k: int = MISSING
+    top_p: float = MISSING
+    min_p: float = MISSING
+    sampler: str = MISSING
+    engine: str = MISSING
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    logprob_chunk_size: int = MISSING
+    gather_for_generation: bool = MISSING
 
 
 @dataclass
 class KLConfig:
     beta: float = MISSING
-    in_reward: bool = True
-    estimator: str = "k1"
-    controller: str = "fixed"
-    target: float = 6.0
-    horizon: int = 10000
-    log_at_zero_beta: bool | None = None  # null = auto (resolve_policy_defaults)
+    in_reward: bool = MISSING
+    estimator: str = MISSING
+    controller: str = MISSING
+    target: float = MISSING
+    horizon: int = MISSING
+    log_at_zero_beta: bool | None = MISSING  # null = auto (resolve_policy_defaults)
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = MISSING
-    ppo_epochs: int = 1
-    minibatches: int = 1
-    grad_accum: int = 1
-    shuffle: str = "process"
-    lr: float | None = None  # null = by the policy (resolve_policy_defaults)
-    value_lr: float | None = None
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    scheduler: str = "constant_with_warmup"
-    max_grad_norm: float | None = 1.0
-    clip_low: float = 0.2
-    clip_high: float | None = None
-    value_clip: float | None = 0.2
-    value_coef: float = 0.5
-    value_loss: str = "mse"
-    loss_agg: str = "token-mean"
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    max_nonfinite_steps: int = 3
-    log_every: int = 1
-    sample_every: int = 10
-    save_every: int = 0
-    keep_last: int = 2
-    resume: str | None = None
+    ppo_epochs: int = MISSING
+    minibatches: int = MISSING
+    grad_accum: int = MISSING
+    shuffle: str = MISSING
+    lr: float | None = MISSING  # null = by the policy (resolve_policy_defaults)
+    value_lr: float | None = MISSING  # null = by the policy; set, it is refused without a critic
+    weight_decay: float = MISSING
+    adam_betas: list[float] = MISSING
+    warmup_steps: int = MISSING
+    scheduler: str = MISSING
+    max_grad_norm: float | None = MISSING
+    clip_low: float = MISSING
+    clip_high: float | None = MISSING
+    value_clip: float | None = MISSING
+    value_coef: float = MISSING
+    value_loss: str = MISSING
+    loss_agg: str = MISSING
+    whiten_rewards: bool = MISSING
+    whiten_advantages: bool = MISSING
+    max_nonfinite_steps: int = MISSING
+    log_every: int = MISSING
+    sample_every: int = MISSING
+    save_every: int = MISSING
+    keep_last: int = MISSING
+    resume: str | None = MISSING
+    # What rlhf.runtime.accelerator.make_accelerator reads, kept so that a TrainerConfig(...) built in code (a test)
+    # makes an Accelerator; tests/test_config_schema.py checks they equal policy.yaml's.
     cpu: bool = False
     mixed_precision: str = "no"
-    torch_threads: int | None = None
+    torch_threads: int | None = MISSING
     dist_timeout_s: int = 1800
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "rlhf"
-    progress: bool = True
+    tensorboard: bool = MISSING
+    wandb: bool = MISSING
+    wandb_project: str = MISSING
+    progress: bool = MISSING
 
 
 @dataclass
 class PolicyConfig:
-    seed: int = 0
+    seed: int = MISSING
     run_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -300,15 +312,10 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
 
     Raises ConfigError with a message ``"<key>: <problem>"``.
     """
-    from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
-    from rlhf.core.kl import KL_CONTROLLERS, KL_ESTIMATORS
-    from rlhf.core.objectives import AGGREGATION_MODES, POLICY_LOSSES
-    from rlhf.models import DTYPES, check_spec
-    from rlhf.rollout.hf import SAMPLERS
-    from rlhf.rollout.sampling import SHUFFLES
-    from rlhf.rollout.vllm import ENGINES, VLLMUnavailable, require_vllm
+    from rlhf.models import check_spec
 
     cfg = _typed(cfg, PolicyConfig)
+    value_lr_set = cfg.trainer.value_lr is not None  # the user's: resolve_policy_defaults fills a null one
     for key in ("policy", "tokenizer"):
         if cfg.model[key] is not None:
             try:
@@ -317,7 +324,22 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
                 raise ConfigError(str(e)) from None
     filled = resolve_policy_defaults(cfg, _multirun_sets("kl.beta") if multirun_sets_beta is None
                                      else multirun_sets_beta)
-    r, k, t, a = cfg.rollout, cfg.kl, cfg.trainer, cfg.algorithm
+    _check_rollout(cfg.rollout, world_size)
+    _check_kl(cfg.kl)
+    _check_algorithm(cfg, value_lr_set)
+    _check_trainer(cfg.trainer, cfg.rollout, world_size)
+    _check_models_and_rewards(cfg)
+    line = pretrained_defaults_line(cfg, filled)
+    if line is not None and int(os.environ.get("RANK", "0")) == 0:
+        log.info(line)
+    return cfg
+
+
+def _check_rollout(r: DictConfig, world_size: int) -> None:
+    from rlhf.models import DTYPES
+    from rlhf.rollout.engines import ENGINES
+    from rlhf.rollout.spec import SamplingSpec
+    from rlhf.rollout.vllm import VLLMUnavailable, require_vllm
 
     _check(r.prompts_per_step > 0, "rollout.prompts_per_step", "must be > 0")
     _check(r.samples_per_prompt > 0, "rollout.samples_per_prompt", "must be > 0")
@@ -326,11 +348,10 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
     _check(r.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
     _check(0 <= r.min_new_tokens <= r.max_new_tokens, "rollout.min_new_tokens",
            f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}]")
-    _check(r.temperature > 0, "rollout.temperature", "must be > 0")
-    _check(r.top_k >= 0, "rollout.top_k", "must be >= 0")
-    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _check_choice(r.sampler, "rollout.sampler", SAMPLERS)
-    _check_choice(r.engine, "rollout.engine", ENGINES)
+    # rollout.temperature, top_k, top_p, min_p, sampler: SamplingSpec's own checks (one-line ConfigErrors).
+    spec = SamplingSpec.from_config(r)
+    _check_choice(r.engine, "rollout.engine", ENGINES.names())
+    ENGINES.get(r.engine).check_spec(spec)  # e.g. vllm: min_p together with top_k/top_p
     if r.engine == "vllm":
         _check_choice(r.vllm.dtype, "rollout.vllm.dtype", ["auto", *DTYPES])
         _check(0 < r.vllm.gpu_memory_utilization < 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1)")
@@ -341,21 +362,35 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
             raise ConfigError(str(e)) from None
     _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
 
+
+def _check_kl(k: DictConfig) -> None:
+    from rlhf.core.kl import KL_CONTROLLERS, KL_ESTIMATORS
+
     _check(k.beta >= 0, "kl.beta", f"must be >= 0, got {k.beta}")
     _check_choice(k.estimator, "kl.estimator", KL_ESTIMATORS.names())
+    _check(k.in_reward or k.estimator != "k1", "kl.estimator",
+           "k1 as a loss (kl.in_reward=false) has zero gradient in expectation (E[grad log pi] = 0 on the policy's "
+           "samples), so it would not hold the policy near the reference; use k3 (GRPO's default) or k2")
     _check_choice(k.controller, "kl.controller", KL_CONTROLLERS.names())
     _check(k.target > 0, "kl.target", f"must be > 0, got {k.target}")
     _check(k.horizon > 0, "kl.horizon", "must be > 0")
     _check(not (k.controller == "adaptive" and k.beta == 0), "kl.beta",
            "the adaptive controller cannot move a beta of 0; start it above 0")
 
+
+def _check_algorithm(cfg: DictConfig, value_lr_set: bool) -> None:
+    from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
+    from rlhf.core.objectives import POLICY_LOSSES
+
+    a = cfg.algorithm
     _check_choice(a.advantage, "algorithm.advantage", ADVANTAGE_ESTIMATORS.names())
     _check_choice(a.policy_loss, "algorithm.policy_loss", POLICY_LOSSES.names())
-    _check(0 <= a.gamma <= 1, "algorithm.gamma", "must be in [0, 1]")
-    _check(0 <= a.lam <= 1, "algorithm.lam", "must be in [0, 1]")
-    _check(not (a.advantage == "gae" and not a.critic), "algorithm.critic", "gae needs a critic (critic=true)")
-    _check(not (a.advantage in ("rloo", "grpo") and r.samples_per_prompt < 2), "rollout.samples_per_prompt",
-           f"{a.advantage} needs at least 2 samples per prompt for its group baseline")
+    _check_declarations(cfg, ADVANTAGE_ESTIMATORS.info(a.advantage), value_lr_set)
+
+
+def _check_trainer(t: DictConfig, r: DictConfig, world_size: int) -> None:
+    from rlhf.core.objectives import AGGREGATION_MODES
+    from rlhf.rollout.sampling import SHUFFLES
 
     n_rollouts = r.prompts_per_step * r.samples_per_prompt // world_size
     _check(t.max_steps > 0, "trainer.max_steps", "must be > 0")
@@ -381,10 +416,15 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
            "must be two numbers in [0, 1)")
 
+
+def _check_models_and_rewards(cfg: DictConfig) -> None:
+    from rlhf.models import DTYPES, check_spec
+    from rlhf.rewards.sources import check_reward_sources
+
     _check_choice(cfg.model.dtype, "model.dtype", list(DTYPES))
-    _check(cfg.model.reward is not None or cfg.reward.function is not None, "reward.function",
-           f"no reward: set model.reward or reward.function (auto gives a built-in task's reward only with "
-           f"data.prompts=builtin:<task>, not {cfg.data.prompts!r})")
+    _check(cfg.model.reward is not None or cfg.reward.function is not None or len(cfg.reward.sources) > 0,
+           "reward.function", f"no reward: set model.reward or reward.function (auto gives a built-in task's reward "
+           f"only with data.prompts=builtin:<task>, not {cfg.data.prompts!r}), or list reward.sources")
     _check_tokenizer_pairing(cfg.model.policy, cfg.model.tokenizer, "model.tokenizer", "model.policy")
     if cfg.model.reward is not None:
         _check_tokenizer_pairing(cfg.model.reward, cfg.model.reward_tokenizer, "model.reward_tokenizer",
@@ -405,10 +445,38 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
     for key in ("function", "gold"):
         if cfg.reward[key] is not None:
             import_function(cfg.reward[key], f"reward.{key}")
-    line = pretrained_defaults_line(cfg, filled)
-    if line is not None and int(os.environ.get("RANK", "0")) == 0:
-        log.info(line)
-    return cfg
+    check_reward_sources(cfg)
+
+
+def _check_declarations(cfg: DictConfig, info, value_lr_set: bool) -> None:
+    """Check the config against what its advantage estimator declared (rlhf.core.advantages.AdvantageInfo): the
+    ``algorithm.*`` hyperparameters it reads are set and the others unset, it has the critic or the group it needs,
+    and without a critic no critic-only field is set. ``value_lr_set``: trainer.value_lr was set before
+    resolve_policy_defaults filled it. (The critic-only fields refused are those whose default is null, so that a
+    set one is the user's: trainer.value_lr and model.value. value_clip, value_coef and value_loss have values in
+    policy.yaml, and a user's equal value could not be told apart from it.)"""
+    from rlhf.core.advantages import HYPERPARAMETERS
+
+    a, name = cfg.algorithm, cfg.algorithm.advantage
+    for key in HYPERPARAMETERS:
+        if key in info.reads:
+            _check(a[key] is not None, f"algorithm.{key}", f"{name} reads {key}, which is unset; set it in the "
+                   f"algorithm preset or with algorithm.{key}=<value>")
+        else:
+            _check(a[key] is None, f"algorithm.{key}", f"{name} does not read {key} ({info.summary}); remove it")
+    for key in ("gamma", "lam"):
+        _check(a[key] is None or 0 <= a[key] <= 1, f"algorithm.{key}", f"must be in [0, 1], got {a[key]}")
+    _check(a.critic or not info.needs_critic, "algorithm.critic",
+           f"{name} needs a critic ({info.summary}); set algorithm.critic=true")
+    k = cfg.rollout.samples_per_prompt
+    _check(k >= 2 or not info.needs_group, "rollout.samples_per_prompt",
+           f"{name} needs at least 2 samples per prompt ({info.summary}), got {k}")
+    if not a.critic:
+        _check(not value_lr_set, "trainer.value_lr",
+               f"{name} trains no critic (algorithm.critic=false), so nothing uses a critic learning rate; remove it")
+        _check(cfg.model.value is None, "model.value",
+               f"{name} trains no critic (algorithm.critic=false), so no critic starts from {cfg.model.value!r}; "
+               "remove it")
 
 
 def _check_tokenizer_pairing(model_spec: str, tok_spec: str | None, tok_key: str, model_key: str) -> None:
@@ -447,50 +515,50 @@ def _check_one_label(spec: str | None, key: str) -> None:
 @dataclass
 class StageModelConfig:
     init: str = MISSING
-    tokenizer: str | None = None
-    dtype: str = "float32"
+    tokenizer: str | None = MISSING
+    dtype: str = MISSING
 
 
 @dataclass
 class SupervisedTrainerConfig:
     max_steps: int = MISSING
     batch_size: int = MISSING
-    eval_batch_size: int = 256
-    eval_every: int = 50
-    lr: float | None = None  # null = by the init model (resolve_stage_defaults)
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    scheduler: str = "cosine"
-    max_grad_norm: float | None = 1.0
-    log_every: int = 1
-    cpu: bool = False
-    mixed_precision: str = "no"
-    torch_threads: int | None = None
-    dist_timeout_s: int = 1800
+    eval_batch_size: int = MISSING
+    eval_every: int = MISSING
+    lr: float | None = MISSING  # null = by the init model (resolve_stage_defaults)
+    weight_decay: float = MISSING
+    adam_betas: list[float] = MISSING
+    warmup_steps: int = MISSING
+    scheduler: str = MISSING
+    max_grad_norm: float | None = MISSING
+    log_every: int = MISSING
+    cpu: bool = MISSING
+    mixed_precision: str = MISSING
+    torch_threads: int | None = MISSING
+    dist_timeout_s: int = MISSING
 
 
 @dataclass
 class SFTDataConfig:
     source: str = MISSING
-    eval_source: str | None = None
-    format: str = "prompt_completion"
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    text_column: str = "text"
-    messages_column: str = "messages"
-    train_split: str = "train"
-    eval_split: str = "test"
-    num_train: int | None = None
-    num_eval: int | None = None
-    max_length: int = 128
-    completion_only: bool = True
-    add_eos: bool = True
+    eval_source: str | None = MISSING
+    format: str = MISSING
+    prompt_column: str = MISSING
+    completion_column: str = MISSING
+    text_column: str = MISSING
+    messages_column: str = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
+    num_train: int | None = MISSING
+    num_eval: int | None = MISSING
+    max_length: int = MISSING
+    completion_only: bool = MISSING
+    add_eos: bool = MISSING
 
 
 @dataclass
 class SFTConfig:
-    seed: int = 0
+    seed: int = MISSING
     run_dir: str = MISSING
     model: StageModelConfig = field(default_factory=StageModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
@@ -501,35 +569,35 @@ class SFTConfig:
 @dataclass
 class RewardDataConfig:
     source: str = MISSING
-    eval_source: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
-    num_train: int | None = None
-    num_eval: int | None = None
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    rejected_column: str = "rejected"
-    margin_column: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    temperature: float = 0.2
-    noise_std: float = 0.0
-    label_threshold: float | None = None
-    max_length: int = 128
+    eval_source: str | None = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
+    num_train: int | None = MISSING
+    num_eval: int | None = MISSING
+    prompt_column: str = MISSING
+    chosen_column: str = MISSING
+    rejected_column: str = MISSING
+    margin_column: str | None = MISSING
+    text_column: str = MISSING
+    label_column: str = MISSING
+    temperature: float = MISSING
+    noise_std: float = MISSING
+    label_threshold: float | None = MISSING
+    max_length: int = MISSING
 
 
 @dataclass
 class RewardLossConfig:
-    center_coef: float = 0.0
-    regression: str = "mse"
-    huber_delta: float = 1.0
+    center_coef: float = MISSING
+    regression: str = MISSING
+    huber_delta: float = MISSING
 
 
 @dataclass
 class RewardTrainingConfig:
-    seed: int = 0
+    seed: int = MISSING
     run_dir: str = MISSING
-    objective: str = "pairwise"
+    objective: str = MISSING
     model: StageModelConfig = field(default_factory=StageModelConfig)
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)

@@ -76,13 +76,13 @@ def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, 
     overrides = [
         f"algorithm={algorithm}", f"model.policy={folder}/policy", f"model.reward={folder}/reward",
         "reward.function=null", "reward.gold=null", f"data.prompts={folder}/prompts.jsonl",
-        "trainer.lr=1e-3", "trainer.value_lr=1e-3",  # random-init W1 saved to a folder: not a pretrained model
+        "trainer.lr=1e-3",  # random-init W1 saved to a folder: not a pretrained model
         f"rollout.prompts_per_step={prompts_per_step}", f"rollout.samples_per_prompt={SAMPLES}",
         f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}", "rollout.temperature=1.0",
         "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1", f"trainer.max_steps={steps}",
         "trainer.sample_every=0", "logging.progress=false", "logging.tensorboard=false", "kl.beta=0.05",
         f"run_dir={tempfile.mkdtemp(prefix='bench_run_')}", f"rollout.engine={engine}",
-    ]
+    ] + (["trainer.value_lr=1e-3"] if algorithm == "ppo" else [])  # only PPO has a critic
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = validate_policy_config(compose(config_name="policy", overrides=overrides))
     trainer = PolicyTrainer(cfg)

@@ -29,10 +29,16 @@ echo "reward model: ${SECONDS} s"
 
 # The policy and its tokenizer are the SFT model's; the reward model shares that tokenizer, so scoring reuses the
 # token ids. reward.function=null: the reward model is the only reward, as with a real RLHF run.
+# The tiny SFT model is a folder, so it would get a pretrained model's learning rates: give it the random-init ones.
+# Only PPO (the default) has a critic; the other algorithms refuse a critic learning rate.
+critic_lr=(trainer.value_lr=1e-3)
+for arg in "$@"; do
+  case $arg in algorithm=rloo|algorithm=grpo|algorithm=reinforce_pp) critic_lr=() ;; esac
+done
 SECONDS=0
 python scripts/train_policy.py hydra.run.dir="$OUT/policy" logging.progress=false \
   model.policy="$OUT/sft/final" model.reward="$OUT/reward/final" \
-  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn trainer.lr=1e-3 trainer.value_lr=1e-3 \
+  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn trainer.lr=1e-3 "${critic_lr[@]}" \
   "$@"
 echo "policy: ${SECONDS} s"
 

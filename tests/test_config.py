@@ -24,10 +24,10 @@ def test_every_group_option_composes_and_validates(group, option, tmp_path):
 def test_algorithm_presets(algorithm, estimator, in_reward, critic, tmp_path):
     cfg = validate_policy_config(compose_policy([f"algorithm={algorithm}"], run_dir=str(tmp_path)))
     assert (cfg.algorithm.advantage, cfg.kl.in_reward, cfg.algorithm.critic) == (estimator, in_reward, critic)
-    # A command-line override still wins over the preset.
-    cfg = validate_policy_config(compose_policy([f"algorithm={algorithm}", "kl.in_reward=false"],
-                                                run_dir=str(tmp_path)))
-    assert cfg.kl.in_reward is False
+    # A command-line override still wins over the preset (k2: valid in the reward and as a loss, where k1 is not).
+    cfg = validate_policy_config(compose_policy([f"algorithm={algorithm}", f"kl.in_reward={not in_reward}",
+                                                 "kl.estimator=k2"], run_dir=str(tmp_path)))
+    assert (cfg.kl.in_reward, cfg.kl.estimator) == (not in_reward, "k2")
 
 
 def test_every_yaml_field_has_a_comment():
@@ -58,6 +58,12 @@ BAD = [
     (["kl.estimator=k9"], "kl.estimator: 'k9' is not one of k1, k2, k3"),
     (["kl.controller=adaptive", "kl.beta=0"], "kl.beta: the adaptive controller"),
     (["algorithm=rloo", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt: rloo needs at least 2"),
+    (["algorithm=grpo", "rollout.samples_per_prompt=1"], "rollout.samples_per_prompt: grpo needs at least 2"),
+    (["algorithm=rloo", "algorithm.gamma=0.9"], "algorithm.gamma: rloo does not read gamma"),
+    (["algorithm.gamma=1.5"], "algorithm.gamma: must be in [0, 1], got 1.5"),
+    (["algorithm.critic=false"], "algorithm.critic: gae needs a critic"),
+    (["kl.in_reward=false"], "kl.estimator: k1 as a loss (kl.in_reward=false) has zero gradient in expectation"),
+    (["algorithm=rloo", "trainer.value_lr=1e-4"], "trainer.value_lr: rloo trains no critic"),
     (["reward.function=null"], "reward.function: no reward"),
     (["reward.function=no.such.module.fn"], "reward.function: cannot import"),
     (["model.policy=./no/such/folder"], "model.policy: folder './no/such/folder' does not exist"),

@@ -142,8 +142,8 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_sta
     from types import SimpleNamespace
 
     from rlhf.config import validate_policy_config
+    from rlhf.rollout.engines import check_backend
     from rlhf.runtime.backend import DistributedBackend
-    from rlhf.trainers.policy_setup import check_engine
 
     cfg = validate_policy_config(compose_policy([*FAST, "algorithm=rloo", *overrides], run_dir="unused"),
                                  world_size=2)
@@ -154,7 +154,7 @@ def _check_backend(dist_type, *overrides, ds_config=None, critic=False, zero_sta
                           state=SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp))
     backend = DistributedBackend(acc)
     backend.check(cfg.trainer, cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt // 2, critic)
-    check_engine(cfg, backend)
+    check_backend(cfg.rollout.engine, backend.kind)
 
 
 def test_backend_guards_refuse_what_the_trainer_cannot_do_under_deepspeed_or_fsdp():

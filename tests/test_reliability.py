@@ -217,7 +217,7 @@ def test_bad_reward_function_fails_through_the_trainer_naming_it(tmp_path):
         "str": (lambda p, c: "good", "returned str; expected a list of floats"),
     }
     for fn, fragment in bad.values():
-        trainer.reward_fn = fn
+        trainer.rewards["function"].fn = fn
         with pytest.raises(RewardFunctionError) as e:
             trainer.train_step(0)
         assert str(e.value).startswith("reward function rlhf.tasks.sentiment.reward_fn ") and fragment in str(e.value)

@@ -210,3 +210,29 @@ def test_global_minibatches_are_the_same_for_any_number_of_processes():
     assert any(len({i % m for i in rows}) > 1 for rows in one)
     with pytest.raises(ValueError, match="10 rows per process do not split into 3 minibatches"):
         minibatch_rows(10, 3, 1, 0, torch.Generator())
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 20}, {"top_p": 0.9, "min_new_tokens": 3}])
+def test_torch_sampler_draws_what_transformers_sampling_draws(tiny, kw):
+    """sampler=torch runs greedy decoding over our processors and TorchSampler (transformers' own softmax +
+    multinomial): from the same torch seed it draws the tokens transformers' do_sample=True draws with the same knobs,
+    and leaves the global RNG in the same state."""
+    from transformers import GenerationConfig
+
+    from rlhf.rollout.hf import generate
+
+    tok, model = tiny
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(9)
+    ours, _ = generate(model, enc["input_ids"], enc["attention_mask"], tok, max_new_tokens=8, sampler="torch", **kw)
+    after_ours = torch.rand(1)
+    knobs = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_new_tokens": 0, **kw}
+    cfg = GenerationConfig(do_sample=True, max_new_tokens=8, min_p=None, typical_p=1.0, repetition_penalty=1.0,
+                           no_repeat_ngram_size=0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           **knobs)
+    torch.manual_seed(9)
+    with torch.inference_mode():
+        theirs = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                generation_config=cfg)[:, enc["input_ids"].shape[1]:]
+    assert torch.equal(ours, theirs)
+    assert torch.equal(torch.rand(1), after_ours)

@@ -136,7 +136,7 @@ def test_reward_model_with_another_tokenizer_is_retokenized(policy_cfg, tmp_path
     assert trainer.models.reward_tokenizer is not None
     prompts = trainer.prompt_batch(0)
     ro, _ = trainer.sample(prompts, 0)
-    scores, _, completions = trainer.score(prompts, ro)
+    scores, _, _, completions = trainer.score(prompts, ro)  # Scored(total, by_source, gold, completions)
     # Reference: score each full text alone with the reward model's own tokenizer (+ its EOS).
     k = trainer.cfg.rollout.samples_per_prompt
     texts = [prompts[i // k] + " " + c if c else prompts[i // k] for i, c in enumerate(completions)]
@@ -164,7 +164,7 @@ def test_reward_model_and_function_are_weighted(policy_cfg, tmp_path):
         assert torch.equal(a, b)
     prompts = trainer.prompt_batch(0)
     ro, _ = trainer.sample(prompts, 0)
-    scores, _, completions = trainer.score(prompts, ro)
+    scores, _, _, completions = trainer.score(prompts, ro)  # Scored(total, by_source, gold, completions)
     rm = reward_model_scores(trainer.models.reward, tok, None, ro.query_ids, ro.query_mask, ro.response_ids,
                              ro.response_mask)
     fn = torch.tensor(reward_fn([""] * len(completions), completions))
@@ -178,7 +178,7 @@ def test_min_new_tokens_and_missing_eos_penalty(policy_cfg):
     ro, _ = trainer.sample(prompts, 0)
     # EOS is suppressed for 6 tokens and at most 6 are generated: every response is cut, none has EOS.
     assert ro.response_mask.sum(-1).tolist() == [6] * ro.response_mask.shape[0]
-    scores, gold, completions = trainer.score(prompts, ro)
+    scores, _, gold, completions = trainer.score(prompts, ro)
     torch.testing.assert_close(scores, gold - 10.0)
 
 

@@ -16,7 +16,14 @@ import json
 import pytest
 import torch
 
-from rlhf.rollout.vllm import pad_responses, request_seeds, strip_left_padding
+from rlhf.rollout.spec import SamplingSpec
+from rlhf.rollout.vllm import (
+    pad_logprobs,
+    pad_responses,
+    processed_logprobs_option,
+    request_seeds,
+    strip_left_padding,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm not installed (see this file's docstring)")
@@ -28,6 +35,12 @@ def test_strip_left_padding_and_pad_responses():
     assert strip_left_padding(ids, mask) == [[5, 6], [7, 8, 9, 10]]
     assert pad_responses([[3], [4, 2], []], pad_id=0).tolist() == [[3, 0], [4, 2], [0, 0]]
     assert pad_responses([[], []], pad_id=0).shape == (2, 1)  # never zero-width
+    assert pad_logprobs([[-0.5], [-1.0, -2.0], []], 2).tolist() == [[-0.5, 0.0], [-1.0, -2.0], [0.0, 0.0]]
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="checks the fallback when vllm is missing")
+def test_processed_logprobs_option_without_vllm():
+    assert processed_logprobs_option() == {}
 
 
 def test_request_seeds_are_distinct_and_follow_the_keys():
@@ -93,9 +106,10 @@ def test_weight_sync_makes_vllm_decode_like_the_policy(engine_and_policy):
         for p in policy.parameters():
             p.mul_(1.5)
     expected = _hf_greedy(policy, tok, texts, 8)
-    before, _ = engine.generate(ids, mask, max_new_tokens=8, min_new_tokens=8, top_k=1)
+    greedy = SamplingSpec(max_new_tokens=8, min_new_tokens=8, top_k=1, sampler="torch")
+    before, _, _ = engine.generate(ids, mask, greedy)
     engine.sync_weights(policy)
-    after, after_mask = engine.generate(ids, mask, max_new_tokens=8, min_new_tokens=8, top_k=1)
+    after, after_mask, _ = engine.generate(ids, mask, greedy)
     assert after.tolist() == expected
     assert after_mask.sum().item() == 3 * 8
     assert before.tolist() != expected
@@ -111,7 +125,8 @@ def test_vllm_samples_follow_the_policy_softmax(engine_and_policy):
     engine.sync_weights(policy)
     n = 2048
     ids, mask = _prompts(tok, ["the food was"] * n)
-    out, _ = engine.generate(ids, mask, max_new_tokens=1, min_new_tokens=1, row_keys=row_keys(0, 0, torch.arange(n)))
+    out, _, _ = engine.generate(ids, mask, SamplingSpec(max_new_tokens=1, min_new_tokens=1),
+                               row_keys(0, 0, torch.arange(n)))
     with torch.no_grad():
         p = policy(**tok(["the food was"], return_tensors="pt")).logits[0, -1].softmax(-1)
     top = p.topk(12).indices
@@ -129,11 +144,12 @@ def test_seeded_rows_draw_the_same_tokens_in_any_batch(engine_and_policy):
     texts = ["the movie was", "i think that this film is really", "bad", "we saw a play"]
     ids, mask = _prompts(tok, texts)
     keys = row_keys(7, 2, torch.arange(4))
-    whole, _ = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, row_keys=keys)
+    spec = SamplingSpec(max_new_tokens=6, min_new_tokens=6)
+    whole, _, _ = engine.generate(ids, mask, spec, keys)
     ids2, mask2 = _prompts(tok, texts[2:])
-    half, _ = engine.generate(ids2, mask2, max_new_tokens=6, min_new_tokens=6, row_keys=keys[2:])
+    half, _, _ = engine.generate(ids2, mask2, spec, keys[2:])
     assert torch.equal(whole[2:], half)
-    other, _ = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=6, row_keys=row_keys(7, 3, torch.arange(4)))
+    other, _, _ = engine.generate(ids, mask, spec, row_keys(7, 3, torch.arange(4)))
     assert not torch.equal(other, whole)
 
 
@@ -148,13 +164,48 @@ def test_eos_ends_a_response_and_is_kept(engine_and_policy):
         policy.lm_head.weight[tok.eos_token_id] = 100 * h / h.pow(2).sum()  # logit of EOS = 100
     try:
         engine.sync_weights(policy)
-        out, out_mask = engine.generate(ids, mask, max_new_tokens=6)
+        out, out_mask, _ = engine.generate(ids, mask, SamplingSpec(max_new_tokens=6, sampler="torch"))
         assert out[:, 0].tolist() == [tok.eos_token_id] * 4 and out_mask.tolist() == [[1]] * 4
-        out, out_mask = engine.generate(ids, mask, max_new_tokens=6, min_new_tokens=3)  # EOS suppressed for 3
+        out, out_mask, _ = engine.generate(ids, mask, SamplingSpec(max_new_tokens=6, min_new_tokens=3,  # EOS held off
+                                                                   sampler="torch"))
         assert (out_mask.sum(-1) == 4).all() and (out[:, 3] == tok.eos_token_id).all()
     finally:
         with torch.no_grad():
             policy.lm_head.weight[tok.eos_token_id] = saved
+
+
+@needs_vllm
+def test_vllm_sampler_logprobs_are_policy_logprobs_under_the_spec(engine_and_policy):
+    """vLLM's processed log-probs of its drawn tokens (temperature, top-k, min_tokens applied) against
+    policy_logprobs(spec=...) of the synced policy on the same tokens: the same distribution, up to the two engines'
+    float32 numerics. 0 at padding."""
+    from rlhf.rollout.forward import policy_logprobs
+    from rlhf.rollout.sampling import row_keys
+
+    engine, policy, tok = engine_and_policy
+    engine.sync_weights(policy)
+    if not engine.returns_logprobs:
+        pytest.skip("this vLLM has no logprobs_mode=processed_logprobs")
+    texts = ["the movie was", "i think that this film is really", "bad", "we saw a play"] * 4
+    ids, mask = _prompts(tok, texts)
+    spec = SamplingSpec(temperature=0.8, top_k=5, min_new_tokens=2, max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    out, out_mask, lp = engine.generate(ids, mask, spec, row_keys(1, 0, torch.arange(len(texts))))
+    with torch.no_grad():
+        ref, _ = policy_logprobs(policy, ids, mask, out, out_mask, spec=spec)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(lp, ref, atol=1e-3, rtol=1e-3)
+    assert (lp[out_mask == 0] == 0).all()
+
+
+@needs_vllm
+def test_the_keyword_call_before_sampling_spec_still_works(engine_and_policy):
+    """The trainer's call until it passes a spec: knobs as keywords, row_keys None = vLLM's stream; two results."""
+    engine, policy, tok = engine_and_policy
+    engine.sync_weights(policy)
+    ids, mask = _prompts(tok, ["the movie was", "bad"])
+    out = engine.generate(ids, mask, max_new_tokens=4, min_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0,
+                          row_keys=None)
+    assert len(out) == 2 and out[0].shape == (2, 4) and out[1].sum().item() == 8
 
 
 @needs_vllm

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.models import Models
-from rlhf.rewards.scoring import score_responses
+from rlhf.rewards.sources import RewardSources, score_model_loader
 from rlhf.rollout.hf import generate
 from rlhf.rollout.sampling import row_keys
 
@@ -120,18 +120,15 @@ def sample_pool(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pro
         yield chunk, q_ids, q_mask, r_ids, r_mask
 
 
-def proxy_and_gold(models: Models, reward_cfg: DictConfig, reward_fn: Callable | None, gold_fn: Callable | None,
-                   prompts: Sequence[str], q_ids: torch.Tensor, q_mask: torch.Tensor, r_ids: torch.Tensor,
-                   r_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def proxy_and_gold(sources: RewardSources, prompts: Sequence[str], q_ids: torch.Tensor, q_mask: torch.Tensor,
+                   r_ids: torch.Tensor, r_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(chunk, n_max)`` proxy and gold scores of one chunk from ``sample_pool`` (``n_max`` consecutive rows per
-    prompt), by the policy trainer's rule: weighted reward model + weighted reward function, + missing-EOS penalty,
-    clipped. ``reward_cfg`` is the ``reward`` section of a policy config. Without a gold scorer, gold = proxy."""
+    prompt), by the policy trainer's rule (rlhf.rewards.sources.RewardSources: the weighted sources, + missing-EOS
+    penalty, clipped). Without a gold scorer, gold = proxy."""
     n_max = r_ids.shape[0] // len(prompts)
-    scores, gold, _ = score_responses(models.reward, models.tokenizer, models.reward_tokenizer, reward_cfg, reward_fn,
-                                      gold_fn, [p for p in prompts for _ in range(n_max)], q_ids, q_mask, r_ids,
-                                      r_mask)
-    scores = scores.float().cpu()
-    gold = gold.cpu() if gold is not None else scores
+    scored = sources.score([p for p in prompts for _ in range(n_max)], q_ids, q_mask, r_ids, r_mask)
+    scores = scored.total.float().cpu()
+    gold = scored.gold.cpu() if scored.gold is not None else scores
     return scores.reshape(len(prompts), n_max), gold.reshape(len(prompts), n_max)
 
 
@@ -168,24 +165,20 @@ def mean_over_seeds(rows: Sequence[dict]) -> list[dict]:
             for n, rs in sorted(by_n.items())]
 
 
-def load_for_best_of_n(cfg: DictConfig) -> tuple[Models, Callable | None, Callable | None]:
-    """The starting policy (the one an RL run with ``cfg`` starts from, same seed = same built-in weights), the
-    reward model if any, and the reward and gold functions of a validated policy config."""
-    from rlhf.config import import_function
-    from rlhf.models import freeze, load_causal_lm, load_score_model, load_tokenizer, same_tokenizer
+def load_for_best_of_n(cfg: DictConfig) -> tuple[Models, RewardSources]:
+    """The starting policy (the one an RL run with ``cfg`` starts from, same seed = same built-in weights) and the
+    reward sources and gold scorer of a validated policy config (``model.reward``, ``reward.function``,
+    ``reward.sources``, ``reward.gold``), reward models on the policy's device."""
+    from rlhf.models import freeze, load_causal_lm, load_tokenizer
 
     m = cfg.model
     tok = load_tokenizer(m.tokenizer or m.policy)
     device = "cuda" if torch.cuda.is_available() and not cfg.trainer.cpu else "cpu"
     policy = freeze(load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed)).to(device)
-    reward = reward_tok = None
-    if m.reward is not None:
-        reward = freeze(load_score_model(m.reward, tok, m.dtype, seed=cfg.seed)).to(device)
-        reward_tok = load_tokenizer(m.reward_tokenizer or m.reward, padding_side="right")
-        reward_tok = None if same_tokenizer(tok, reward_tok) else reward_tok
-    reward_fn = import_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
-    gold_fn = import_function(cfg.reward.gold, "reward.gold") if cfg.reward.gold else None
-    return Models(policy, None, reward, None, tok, reward_tok), reward_fn, gold_fn
+    sources = RewardSources.from_config(cfg, tok, score_model_loader(m.dtype, cfg.seed))
+    sources.place(lambda module: module.to(device))
+    reward, reward_tok = sources.reward_model()
+    return Models(policy, None, reward, None, tok, reward_tok), sources
 
 
 def run_best_of_n(cfg: DictConfig, num_prompts: int, n_max: int, max_rows: int = 1024) -> list[dict]:
@@ -196,7 +189,7 @@ def run_best_of_n(cfg: DictConfig, num_prompts: int, n_max: int, max_rows: int =
     if num_prompts < 2:
         raise ValueError(f"num_prompts must be >= 2 (the standard error needs two), got {num_prompts}")
     ns = powers_of_two(n_max)
-    models, reward_fn, gold_fn = load_for_best_of_n(cfg)
+    models, sources = load_for_best_of_n(cfg)
     d, r = cfg.data, cfg.rollout
     prompts = load_prompts(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed)
     prompts = prompts[:num_prompts]
@@ -206,7 +199,7 @@ def run_best_of_n(cfg: DictConfig, num_prompts: int, n_max: int, max_rows: int =
                                        max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
                                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, max_rows=max_rows,
                                        sampler=r.sampler, seed=cfg.seed):
-        p, g = proxy_and_gold(models, cfg.reward, reward_fn, gold_fn, chunk, *tensors)
+        p, g = proxy_and_gold(sources, chunk, *tensors)
         proxy.append(p)
         gold.append(g)
     rows = best_of_n_table(torch.cat(proxy), torch.cat(gold), ns)

@@ -5,20 +5,50 @@ Every entry has the same signature
     fn(rewards, mask, values, *, group_size, gamma, lam, std_normalize, eps=1e-8) -> (advantages, returns)
 
 with `rewards`, `mask`, `values`, `advantages`, `returns` all (batch, response_len), and ignores the
-arguments it does not use. `rewards` are the per-token shaped rewards (KL penalty on every real token,
-score on the last one; see `rlhf.core.kl.shape_rewards`). `mask` is 1 on real response tokens up to and
-including EOS and 0 after; outputs are 0 where it is 0. The group estimators (RLOO, GRPO) expect the
-`group_size` rollouts of one prompt in contiguous rows: rows [i*K, (i+1)*K) share prompt i.
+arguments it does not use (the trainer passes None for an `algorithm.*` field the estimator does not read).
+Each entry declares what it needs from the rest of the config (`AdvantageInfo`, read with
+`ADVANTAGE_ESTIMATORS.info(name)`): config validation checks those declarations, not the names.
+`rewards` are the per-token shaped rewards (KL penalty on every real token, score on the last one;
+see `rlhf.core.kl.shape_rewards`). `mask` is 1 on real response tokens up to and including EOS and 0 after;
+outputs are 0 where it is 0. The group estimators (RLOO, GRPO) expect the `group_size` rollouts of one
+prompt in contiguous rows: rows [i*K, (i+1)*K) share prompt i.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from rlhf.core.losses import masked_sum, masked_whiten
 from rlhf.core.registry import Registry
 
-ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
+HYPERPARAMETERS = ("gamma", "lam", "std_normalize")
+"""The estimator keyword arguments that come from ``algorithm.*``. An estimator reads some of them
+(``AdvantageInfo.reads``); the config leaves the others unset (None) and refuses them when a user sets one."""
+
+
+@dataclass(frozen=True)
+class AdvantageInfo:
+    """What an advantage estimator needs from the config; every entry of ADVANTAGE_ESTIMATORS declares all of it."""
+
+    needs_critic: bool
+    """It reads `values`: the run must train a critic (``algorithm.critic=true``)."""
+    needs_group: bool
+    """Its baseline is the other samples of the same prompt: ``rollout.samples_per_prompt`` K >= 2."""
+    reads: frozenset[str]
+    """The HYPERPARAMETERS it reads; each must be set, and the others unset."""
+    summary: str
+    """How it scores a sample, as "it ...": the reason given when a declaration refuses a config."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "reads", frozenset(self.reads))
+        unknown = sorted(self.reads - set(HYPERPARAMETERS))
+        if unknown:
+            raise ValueError(f"reads {unknown}: an estimator reads only {', '.join(HYPERPARAMETERS)}")
+
+
+ADVANTAGE_ESTIMATORS = Registry("advantage estimator", info=AdvantageInfo)
 
 
 def _check_inputs(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +104,9 @@ def _broadcast(per_sequence: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, per_sequence.unsqueeze(1), per_sequence.new_zeros(()))
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register(
+    "gae", needs_critic=True, needs_group=False, reads={"gamma", "lam"},
+    summary="it bootstraps per-token advantages from the critic's values")
 def gae(
     rewards: torch.Tensor,
     mask: torch.Tensor,
@@ -116,7 +148,9 @@ def gae(
     return advantages, returns
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register(
+    "rloo", needs_critic=False, needs_group=True, reads=set(),
+    summary="it scores whole sequences against the mean of the other samples of their prompt")
 def rloo(
     rewards: torch.Tensor,
     mask: torch.Tensor,
@@ -142,7 +176,9 @@ def rloo(
     return _broadcast(advantages, bmask), _broadcast(seq_returns, bmask)
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register(
+    "grpo", needs_critic=False, needs_group=True, reads={"std_normalize"},
+    summary="it scores whole sequences against the mean of their prompt's group")
 def grpo(
     rewards: torch.Tensor,
     mask: torch.Tensor,
@@ -170,7 +206,9 @@ def grpo(
     return _broadcast(centred.reshape(-1), bmask), _broadcast(seq_returns, bmask)
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@ADVANTAGE_ESTIMATORS.register(
+    "reinforce_pp", needs_critic=False, needs_group=False, reads={"gamma"},
+    summary="it scores each token's discounted return-to-go against the whole batch")
 def reinforce_pp(
     rewards: torch.Tensor,
     mask: torch.Tensor,

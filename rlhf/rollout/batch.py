@@ -32,6 +32,7 @@ class Rollout(NamedTuple):
     values: torch.Tensor | None
     scores: torch.Tensor
     entropy: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None  # (N, R) the engine's own log-probs of the drawn tokens, 0 at padding
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_id: int | Sequence[int] | None) -> torch.Tensor:
     """``(N, R)`` generated ids -> ``(N, R)`` long mask: 1 up to and including the first EOS, 0 after.

@@ -1,36 +1,83 @@
 """Forward passes over a rollout: response log-probs (policy, reference), critic values, and the module that holds
-the policy and critic together."""
+the policy and critic together.
+
+Which distribution each log-prob is under (``spec``: the run's rlhf.rollout.spec.SamplingSpec):
+
+    policy (old, at sampling time, and new, in the update): :func:`policy_logprobs` with ``spec``: the sampling
+        distribution itself: ``scores / temperature``, then min_new_tokens, top-k, top-p and min-p masking
+        (renormalised over the kept tokens), by the same processor classes the sampler runs. The log-prob of a
+        rollout token is its log-prob under the distribution that drew it, so the PPO ratio pi_new(y) / pi_old(y) is
+        an importance weight between the distributions that really sample, whatever the knobs. The scored token is
+        kept in the top-k/top-p/min-p support (``keep_token``, rlhf.rollout.spec.sampling_logprobs): that changes
+        nothing for a token inside it, and gives a finite value instead of -inf for a drawn token that a bf16
+        forward puts just outside a boundary by rounding (about 1 token in 200 in a toy model under autocast) or that
+        left the support as the weights moved during the update.
+    reference: :func:`reference_logprobs`: the reference's softmax of ``scores / temperature`` over the whole
+        vocabulary, no truncation. With y drawn from pi_sample, ``k1 = log pi_sample(y) - log pi_ref(y)`` is then an
+        unbiased estimate of KL(pi_sample || pi_ref), the KL of what the policy really generates from the reference
+        model at the sampling temperature; pi_ref > 0 everywhere, so it is always finite. (A top-k mask on the
+        reference would give -inf for any sampled token outside the reference's own top k, and KL = inf.) With
+        truncation on, this KL is not 0 at step 0: it is -E[log(mass the truncation keeps)], the price of sampling
+        a truncated distribution.
+
+With the default knobs (temperature 1, top_k 0, top_p 1, min_p 0, min_new_tokens 0) both are the full softmax and
+the ops are exactly those of ``policy_logprobs(..., temperature=1.0)``: the same bits.
+"""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel
 
-from rlhf.core.logprobs import entropy_from_logits, selective_log_softmax
 from rlhf.models import position_ids_from_mask, token_scores
+from rlhf.rollout.spec import SamplingSpec, sampling_logprobs
 
 
 def concat(query_ids, query_mask, response_ids, response_mask):
     return torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)
 
-def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
-                    response_ids: torch.Tensor, response_mask: torch.Tensor, *, temperature: float = 1.0,
-                    chunk_size: int = 1024, with_entropy: bool = False):
-    """Log-probs of the response tokens under ``model``, at the sampling temperature.
-
-    Shapes: query ``(N, Q)``, response ``(N, R)``. Returns ``logprobs (N, R)`` and, if asked, ``entropy (N, R)``
-    of the full next-token distribution. Gradients flow when called outside no_grad.
-    """
+def response_logits(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """``(N, R, V)`` logits predicting the response tokens: ``[:, t]`` predicts ``response_ids[:, t]``."""
     ids, mask = concat(query_ids, query_mask, response_ids, response_mask)
     r = response_ids.shape[1]
     # Only the R positions that predict response tokens need logits: logits[t] predicts ids[t + 1].
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    logprobs = selective_log_softmax(logits, response_ids, chunk_size=chunk_size)
-    entropy = entropy_from_logits(logits.detach(), chunk_size=chunk_size) if with_entropy else None
-    return logprobs, entropy
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                 use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
+
+def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                    response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec | None = None,
+                    temperature: float | None = None, chunk_size: int = 1024, with_entropy: bool = False,
+                    keep_token: bool = True):
+    """Log-probs of the response tokens under ``model``'s sampling distribution.
+
+    Shapes: query ``(N, Q)``, response ``(N, R)``. Returns ``logprobs (N, R)`` and, if asked, ``entropy (N, R)`` of
+    the same next-token distribution (no gradient). Gradients flow when called outside no_grad.
+
+    spec: the SamplingSpec the tokens were drawn with: log-probs under the distribution that drew them (temperature,
+    min_new_tokens, top-k, top-p, min-p; see rlhf.rollout.spec.sampling_logprobs; positions where ``response_mask``
+    is 0 hold 0 when the spec truncates; keep_token: the scored token stays in the top-k/top-p/min-p support, False
+    for the exact -inf outside it). temperature: the older call, the full softmax at that temperature (the same as a
+    spec with only a temperature); give one of the two (neither: temperature 1).
+    """
+    if spec is None:
+        spec = SamplingSpec(temperature=1.0 if temperature is None else temperature)
+    elif temperature is not None and temperature != spec.temperature:
+        raise ValueError(f"policy_logprobs: temperature={temperature} disagrees with spec.temperature="
+                         f"{spec.temperature}; pass the spec only")
+    logits = response_logits(model, query_ids, query_mask, response_ids, response_mask)
+    return sampling_logprobs(logits, response_ids, spec, response_mask=response_mask, chunk_size=chunk_size,
+                             with_entropy=with_entropy, keep_token=keep_token)
+
+def reference_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                       response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec,
+                       chunk_size: int = 1024) -> torch.Tensor:
+    """``(N, R)`` log-probs of the response tokens under the reference's softmax of ``logits / spec.temperature``
+    over the whole vocabulary: top-k, top-p, min-p and min_new_tokens are not applied (see this module's docstring:
+    the KL is then that of the sampling distribution from the tempered reference, finite by construction)."""
+    logprobs, _ = policy_logprobs(model, query_ids, query_mask, response_ids, response_mask,
+                                  temperature=spec.temperature, chunk_size=chunk_size)
+    return logprobs
 
 class TokenValues(torch.nn.Module):
     """Wraps a one-label sequence-classification model as a critic: ``(N, S) -> (N, S)`` values per position.

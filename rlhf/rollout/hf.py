@@ -1,35 +1,39 @@
-"""The transformers engine: ``generate`` with a KV cache, sampling by the counter sampler or torch's RNG."""
+"""The transformers engine: ``generate`` with a KV cache, sampling by the counter sampler or torch's RNG.
+
+Both samplers run transformers' greedy decoding over scores that our own processors prepared: the spec's processors
+(:meth:`rlhf.rollout.spec.SamplingSpec.processors`: min_new_tokens, temperature, top-k, top-p, min-p) and last a
+drawing processor (:class:`rlhf.rollout.sampling.CounterSampler` or :class:`~rlhf.rollout.sampling.TorchSampler`)
+that draws the token and records its log-prob. transformers applies no warper of its own (greedy decoding has
+none), so no field of a model's generation_config.json (top_k=50, min_p, top_h, ...) can change the distribution.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar
+
 import torch
-from transformers import (
-    GenerationConfig,
-    LogitsProcessorList,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.config import ConfigError
 from rlhf.rollout.batch import response_mask_from_ids
-from rlhf.rollout.sampling import CounterSampler
+from rlhf.rollout.sampling import CounterSampler, TorchSampler
+from rlhf.rollout.spec import SAMPLERS, SamplingSpec
 
-SAMPLERS = ["counter", "torch"]
+__all__ = ["SAMPLERS", "HFEngine", "generate", "sample"]
 
-def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
-             tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, min_new_tokens: int = 0,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, sampler: str = "torch",
-             row_keys: torch.Tensor | None = None,
-             synced_gpus: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one response per row with a KV cache.
 
-    query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= max_new_tokens, padded
-    with the pad id after EOS) and ``response_mask (N, R)``.
+def sample(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
+           tokenizer: PreTrainedTokenizerBase, spec: SamplingSpec, *, row_keys: torch.Tensor | None = None,
+           synced_gpus: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one response per row with a KV cache, from the distribution ``spec`` names.
 
-    sampler "torch": transformers' multinomial sampling from torch's global RNG (so a row's sample depends on the
+    query_ids, query_mask: ``(N, Q)``, left-padded. Returns ``response_ids (N, R)`` (R <= spec.max_new_tokens,
+    padded with the pad id after EOS), ``response_mask (N, R)`` and ``sampler_logprobs (N, R)``: the log-prob of each
+    drawn token under the processed scores it was drawn from (float32; 0 at padding positions).
+
+    spec.sampler "torch": transformers' multinomial draw from torch's global RNG (so a row's sample depends on the
     rows before it). "counter": every row draws from its own counter-based stream, ``row_keys (N, 2)`` from
     :func:`rlhf.rollout.sampling.row_keys`, so a row's sample does not depend on the batch it is in or the process that
     generates it. Both sample from the same distribution.
@@ -40,31 +44,28 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     ``no_grad`` rather than ``inference_mode``: weights FSDP2 gathers inside ``inference_mode`` become inference
     tensors, and the update's next forward fails on them.
     """
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"rollout.sampler: unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    common = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, min_p=None, typical_p=1.0,
-                  repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    processors = None
-    if sampler == "torch":
-        # Every sampling knob is set explicitly: a field left None is filled from transformers' defaults or the
-        # model's generation_config.json (top_k=50, repetition penalties, ...), and the responses would then no
-        # longer be samples of the distribution whose log-probs the update uses. top_k=0 disables top-k.
-        gen_cfg = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, **common)
+    if spec.max_new_tokens is None:
+        raise ValueError("sampling needs a SamplingSpec with max_new_tokens")
+    n, q = query_ids.shape
+    if spec.sampler == "counter":
+        if row_keys is None or row_keys.shape != (n, 2):
+            raise ValueError(f"counter sampling needs row_keys of shape ({n}, 2)")
+        drawer = CounterSampler(row_keys.to(query_ids.device), q, spec.max_new_tokens, record=True)
     else:
-        if row_keys is None or row_keys.shape != (query_ids.shape[0], 2):
-            raise ValueError(f"counter sampling needs row_keys of shape ({query_ids.shape[0]}, 2)")
-        # Greedy decoding over scores whose argmax is the drawn token. The warpers are the ones transformers'
-        # sampler would apply, in its order: temperature, top-k, top-p.
-        gen_cfg = GenerationConfig(do_sample=False, temperature=None, top_k=None, top_p=None, **common)
-        processors = LogitsProcessorList()
-        if temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(CounterSampler(row_keys.to(query_ids.device), query_ids.shape[1], max_new_tokens))
+        drawer = TorchSampler(record=True)
+    eos = spec.eos_token_id if spec.eos_token_id is not None else tokenizer.eos_token_id
+    eos = list(eos) if isinstance(eos, tuple) else eos
+    processors = spec.processors(q, eos)
+    processors.append(drawer)
+    # Greedy decoding over the drawer's one-hot scores. Every knob transformers would apply even when greedy is set
+    # explicitly: a field left None is filled from the model's generation_config.json. min_new_tokens=0 here: EOS
+    # suppression is the spec's processor, the one the log-prob code applies too. temperature/top_k/top_p/min_p stay
+    # None: greedy decoding applies no warper, so a value there (ours or the model's) has no effect, and an explicit
+    # one only makes transformers log that it is ignored.
+    gen_cfg = GenerationConfig(do_sample=False, temperature=None, top_k=None, top_p=None, min_p=None,
+                               max_new_tokens=spec.max_new_tokens, min_new_tokens=0, typical_p=1.0,
+                               repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=eos,
+                               pad_token_id=tokenizer.pad_token_id, use_cache=True)
     was_training = policy.training
     policy.eval()
     with torch.no_grad() if synced_gpus else torch.inference_mode():
@@ -73,5 +74,72 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     policy.train(was_training)
     # inference_mode skips autograd bookkeeping while decoding; the clone (made outside it) is an ordinary tensor
     # that the update's forward may save for backward.
-    response_ids = out[:, query_ids.shape[1]:].clone()
-    return response_ids, response_mask_from_ids(response_ids, tokenizer.eos_token_id)
+    response_ids = out[:, q:].clone()
+    response_mask = response_mask_from_ids(response_ids, eos)
+    logprobs = drawer.logprobs()
+    if logprobs.shape != response_ids.shape:  # one draw per generated position, or the record is misaligned
+        raise RuntimeError(f"sampler recorded {tuple(logprobs.shape)} log-probs for {tuple(response_ids.shape)} tokens")
+    # Positions after EOS were drawn for finished rows and then replaced by the pad id: their log-prob means nothing.
+    logprobs = torch.where(response_mask.bool(), logprobs, torch.zeros((), device=logprobs.device))
+    return response_ids, response_mask, logprobs
+
+
+def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch.Tensor,
+             tokenizer: PreTrainedTokenizerBase, *, max_new_tokens: int, min_new_tokens: int = 0,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, sampler: str = "torch",
+             row_keys: torch.Tensor | None = None, synced_gpus: bool | None = None,
+             min_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` with the knobs as keywords, returning ``response_ids (N, R)`` and ``response_mask (N, R)``
+    only (the call the trainer and best-of-n make until they pass a :class:`SamplingSpec`)."""
+    spec = SamplingSpec(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, sampler=sampler)
+    response_ids, response_mask, _ = sample(policy, query_ids, query_mask, tokenizer, spec, row_keys=row_keys,
+                                            synced_gpus=synced_gpus)
+    return response_ids, response_mask
+
+
+class HFEngine:
+    """``rollout.engine=hf``: decodes with the trainer's own policy module (no copy of the weights).
+
+    policy: the unwrapped policy (``accelerator.unwrap_model``); ``sync_weights`` only records which module decodes.
+    gather: a callable returning the context decoding runs in, e.g. the whole policy gathered once under FSDP2 or
+    ZeRO-3 (default: nothing). synced_gpus: as in :func:`sample` (True under multi-process FSDP2; None: transformers
+    decides). spec: the default spec of ``generate``.
+    """
+
+    backends: ClassVar[frozenset[str]] = frozenset({"single", "ddp", "fsdp2", "zero2", "zero3"})
+
+    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: SamplingSpec | None = None,
+                 *, gather: Callable[[], AbstractContextManager] | None = None, synced_gpus: bool | None = None):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.gather = gather if gather is not None else contextlib.nullcontext
+        self.synced_gpus = synced_gpus
+
+    @classmethod
+    def options_from_config(cls, cfg: Any) -> dict:
+        """Engine-specific constructor options from the run config: none."""
+        return {}
+
+    @classmethod
+    def check_spec(cls, spec: SamplingSpec) -> None:
+        """Every SamplingSpec is drawn exactly."""
+
+    def sync_weights(self, policy: torch.nn.Module) -> None:
+        """The policy shares its weights with the trainer: nothing to copy; decode with this module from now on."""
+        self.policy = policy
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, spec: SamplingSpec | None = None,
+                 row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(N, Q)`` left-padded prompts -> ``response_ids (N, R)``, ``response_mask (N, R)``,
+        ``sampler_logprobs (N, R)`` (see :func:`sample`). row_keys ``(N, 2)``: used by the counter sampler."""
+        spec = spec if spec is not None else self.spec
+        if spec is None:
+            raise ValueError("HFEngine.generate needs a SamplingSpec (here or at construction)")
+        with self.gather():
+            return sample(self.policy, query_ids, query_mask, self.tokenizer, spec, row_keys=row_keys,
+                          synced_gpus=self.synced_gpus)
+
+    def close(self) -> None:
+        """Nothing to release."""

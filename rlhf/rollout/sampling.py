@@ -92,9 +92,40 @@ def inverse_cdf_sample(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_(max=scores.shape[-1] - 1)
 
 
-class CounterSampler(LogitsProcessor):
-    """Last logits processor of a greedy ``generate``: draws the token by :func:`inverse_cdf_sample` with
-    counter-based uniforms and returns scores whose argmax is that token (0 there, -inf elsewhere).
+class DrawingSampler(LogitsProcessor):
+    """Last logits processor of a greedy ``generate``: draws the next token from ``softmax(scores)`` (the scores the
+    processors before it left: the sampling distribution) and returns scores whose argmax is that token (0 there,
+    -inf elsewhere), so greedy decoding emits the draw and transformers applies no sampling step of its own.
+
+    record: keep the log-prob of each drawn token under the distribution it was drawn from,
+    ``scores[token] - logsumexp(scores)`` in float32; :meth:`logprobs` gives them as ``(N, steps)``.
+    """
+
+    def __init__(self, record: bool = False):
+        self.record = record
+        self._logprobs: list[torch.Tensor] = []
+
+    def draw(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        """``(N,)`` token ids drawn from ``softmax(scores)``, ``scores (N, V)``."""
+        raise NotImplementedError
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        token = self.draw(input_ids, scores)
+        if self.record:
+            s = scores.float()
+            self._logprobs.append(s.gather(1, token.unsqueeze(1)).squeeze(1) - torch.logsumexp(s, dim=-1))
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token.unsqueeze(1), 0.0)
+
+    def logprobs(self) -> torch.Tensor:
+        """``(N, steps)`` float32 log-probs of the tokens drawn so far (needs ``record=True``)."""
+        if not self.record:
+            raise RuntimeError("this sampler was built with record=False")
+        return torch.stack(self._logprobs, 1)
+
+
+class CounterSampler(DrawingSampler):
+    """Draws the token by :func:`inverse_cdf_sample` with counter-based uniforms.
 
     keys: ``(N, 2)`` from :func:`row_keys`; prompt_length: the width of the (padded) prompt, so that the position
     counter is the index of the new token (0 for the first), whatever padding the batch needed. max_new_tokens: when
@@ -102,22 +133,31 @@ class CounterSampler(LogitsProcessor):
     decoding is bound by kernel launches, and hashing per token costs about fifty small kernels each time.
     """
 
-    def __init__(self, keys: torch.Tensor, prompt_length: int, max_new_tokens: int | None = None):
+    def __init__(self, keys: torch.Tensor, prompt_length: int, max_new_tokens: int | None = None,
+                 record: bool = False):
+        super().__init__(record)
         self.keys = keys
         self.prompt_length = prompt_length
         self.table = None
         if max_new_tokens:
             self.table = counter_uniform(keys, torch.arange(max_new_tokens, device=keys.device))
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         position = input_ids.shape[1] - self.prompt_length
         if self.table is not None and position < self.table.shape[1]:
             u = self.table[:, position]
         else:
             u = counter_uniform(self.keys, position)  # keys live on the scores' device
-        token = inverse_cdf_sample(scores, u)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, token.unsqueeze(1), 0.0)
+        return inverse_cdf_sample(scores, u)
+
+
+class TorchSampler(DrawingSampler):
+    """Draws the token with torch's global RNG, exactly as transformers' own sampling step does
+    (``torch.multinomial(softmax(scores), 1)``: the same ops, the same random numbers consumed)."""
+
+    def draw(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        probs = torch.nn.functional.softmax(scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
 
 
 SHUFFLES = ["process", "global"]

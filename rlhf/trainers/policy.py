@@ -28,17 +28,17 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from rlhf.config import import_function
 from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
 from rlhf.core.kl import build_kl_controller, per_token_kl, shape_rewards
 from rlhf.core.losses import masked_whiten
 from rlhf.core.objectives import POLICY_LOSSES, explained_variance
 from rlhf.core.rl_loss import LossSettings, rl_loss
-from rlhf.rewards.scoring import score_responses
+from rlhf.rewards.sources import Scored
 from rlhf.rollout.batch import Rollout
-from rlhf.rollout.forward import TokenValues, policy_logprobs, response_values
-from rlhf.rollout.hf import generate
+from rlhf.rollout.engines import build_engine, check_backend, engine_options
+from rlhf.rollout.forward import TokenValues, policy_logprobs, reference_logprobs, response_values
 from rlhf.rollout.sampling import row_keys
+from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.accelerator import make_accelerator
 from rlhf.runtime.backend import DistributedBackend, micro_batch_share
 from rlhf.runtime.errors import TrainingError, TrainingInterrupted
@@ -110,24 +110,26 @@ class PolicyTrainer:
         tokenizer = setup.load_policy_tokenizer(cfg)
         self.prompts = setup.load_prompts(cfg)
         setup.check_prompt_lengths(cfg, self.prompts, tokenizer)
-        self.models = setup.load_models(cfg, tokenizer, self.resume_from, b.zero_stage)
+        self.models, self.rewards = setup.load_models(cfg, tokenizer, self.resume_from, b.zero_stage)
         self.policy_loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
-        self.reward_fn = import_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
-        self.gold_fn = import_function(cfg.reward.gold, "reward.gold") if cfg.reward.gold else None
+        self.spec = SamplingSpec.from_config(cfg.rollout, eos_token_id=tokenizer.eos_token_id)
         self.kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
         critic = TokenValues(self.models.value) if self.models.value is not None else None
         optimizer = setup.build_optimizer(cfg, self.models.policy, critic)
         r = cfg.rollout
         b.check(t, r.prompts_per_step * r.samples_per_prompt // b.num_processes, critic is not None)
-        setup.check_engine(cfg, b)
+        check_backend(r.engine, b.kind)
         self.policy, self.critic, self.optimizer = b.prepare(self.models.policy, critic, optimizer)
         # Not prepared: accelerate would step a prepared scheduler once per process.
         self.scheduler = get_scheduler(t.scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
                                        num_training_steps=t.max_steps * t.ppo_epochs * t.minibatches)
         self.models.reference = b.place_frozen(self.models.reference)
-        self.models.reward = b.place_frozen(self.models.reward)
-        self.engine = setup.build_engine(cfg, b.unwrap(self.policy), self.models.tokenizer)
+        self.rewards.place(b.place_frozen)
+        self.models.reward = self.rewards.reward_model()[0]
+        self.engine = build_engine(r.engine, b.unwrap(self.policy), self.models.tokenizer, self.spec,
+                                   gather=lambda: b.gathered_for_generation(self.policy, r.gather_for_generation),
+                                   synced_gpus=b.synced_gpus, **engine_options(cfg))
         # With one epoch, one minibatch and no accumulation the update sees exactly the rollout's batch once, so the
         # rollout's policy forward doubles as the update's (see sample()). DeepSpeed steps inside backward.
         self.fused = t.ppo_epochs == 1 and t.minibatches == 1 and t.grad_accum == 1 and not b.steps_inside_backward
@@ -175,8 +177,7 @@ class PolicyTrainer:
             if bar is not None:
                 bar.close()
             self.logger.close()
-            if self.engine is not None:
-                self.engine.close()
+            self.engine.close()
             self.signals.restore()
             self.run_lock.release()
         return history
@@ -201,13 +202,14 @@ class PolicyTrainer:
 
         t0 = time.perf_counter()
         rollout, sampled = self.sample(prompts, step)                             # 1. sample
-        scores, gold, completions = self.score(prompts, rollout)                  # 2. score
-        rollout = rollout._replace(scores=scores)
+        scored = self.score(prompts, rollout)                                     # 2. score
+        rollout = rollout._replace(scores=scored.total)
         t_score = time.perf_counter() - t0 - sampled.t_generate
         update_stats, ev, t_update = {}, None, 0.0
         # A NaN score would make every advantage of the batch NaN (whitening and baselines mix rows): skip the step.
-        if self.backend.any(not bool(torch.isfinite(scores).all())):
-            self._count_nonfinite(step, f"model.reward {cfg.model.reward} returned a non-finite score")
+        if self.backend.any(not bool(torch.isfinite(scored.total).all())):
+            self._count_nonfinite(step, self.rewards.nonfinite_message(scored)
+                                  or "a reward source returned a non-finite score on another process")
         else:
             kl_tok = self.kl_per_token(rollout, cfg.kl.estimator)
             rewards = self.shape(rollout, kl_tok, beta)                           # 3. shape
@@ -217,13 +219,13 @@ class PolicyTrainer:
             t_update = time.perf_counter() - t1
             if update_stats["policy/skipped_updates"] > 0:
                 self._count_nonfinite(step, "a non-finite loss or gradient")
-        metrics = self.log_step(step, rollout, gold, beta, update_stats, ev)     # 6. log
+        metrics = self.log_step(step, rollout, scored, beta, update_stats, ev)   # 6. log
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
         add_timings(metrics, cfg.rollout, sampled.t_generate, sampled.t_sync, t_score, t_update,
                     time.perf_counter() - t0)
         metrics["nonfinite_steps"] = self.nonfinite_steps
         if cfg.trainer.sample_every and step % cfg.trainer.sample_every == 0 and self.backend.is_main:
-            self.logger.log_samples(step, sample_rows(prompts, completions, rollout.scores,
+            self.logger.log_samples(step, sample_rows(prompts, scored.completions, rollout.scores,
                                                       cfg.rollout.samples_per_prompt))
         return metrics
 
@@ -249,13 +251,16 @@ class PolicyTrainer:
         query_ids = enc["input_ids"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         query_mask = enc["attention_mask"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         t0 = time.perf_counter()
-        response_ids, response_mask, t_sync = self._generate(query_ids, query_mask, step)
+        keys = self.sampling_keys(step, query_ids.shape[0])
+        self.engine.sync_weights(self.backend.unwrap(self.policy))
+        t_sync = time.perf_counter() - t0
+        response_ids, response_mask, sampler_logprobs = self.engine.generate(query_ids, query_mask, self.spec, keys)
         t_generate = time.perf_counter() - t0
         args = (query_ids, query_mask, response_ids, response_mask)
         live = None
         if self.fused:
             with self.backend.autocast():
-                live_logp, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
+                live_logp, entropy = policy_logprobs(self.policy, *args, spec=self.spec,
                                                      chunk_size=r.logprob_chunk_size, with_entropy=True)
                 live_values = response_values(self.critic, *args) if self.critic is not None else None
             live = Live(live_logp, live_values)
@@ -263,44 +268,24 @@ class PolicyTrainer:
             values = live_values.detach() if live_values is not None else None
         with torch.no_grad(), self.backend.autocast():
             if not self.fused:
-                logprobs, entropy = policy_logprobs(self.policy, *args, temperature=r.temperature,
+                logprobs, entropy = policy_logprobs(self.policy, *args, spec=self.spec,
                                                     chunk_size=r.logprob_chunk_size, with_entropy=True)
                 values = response_values(self.critic, *args) if self.critic is not None else None
             ref_logprobs = None
             if self.models.reference is not None:
-                ref_logprobs, _ = policy_logprobs(self.models.reference, *args, temperature=r.temperature,
+                ref_logprobs = reference_logprobs(self.models.reference, *args, spec=self.spec,
                                                   chunk_size=r.logprob_chunk_size)
         empty = torch.zeros(query_ids.shape[0], device=dev)
-        return Rollout(*args, logprobs, ref_logprobs, values, empty, entropy), Sampled(t_generate, t_sync, live)
-
-    def _generate(self, query_ids, query_mask, step: int):
-        """``(response_ids, response_mask, weight-sync seconds or None)`` from the rollout engine."""
-        r, b = self.cfg.rollout, self.backend
-        keys = self.sampling_keys(step, query_ids.shape[0])
-        if self.engine is not None:
-            t0 = time.perf_counter()
-            self.engine.sync_weights(b.unwrap(self.policy))
-            t_sync = time.perf_counter() - t0
-            ids, mask = self.engine.generate(
-                query_ids, query_mask, max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens,
-                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                row_keys=keys if r.sampler == "counter" else None)
-            return ids, mask, t_sync
-        with b.gathered_for_generation(self.policy, r.gather_for_generation):
-            ids, mask = generate(
-                b.unwrap(self.policy), query_ids, query_mask, self.models.tokenizer, max_new_tokens=r.max_new_tokens,
-                min_new_tokens=r.min_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                sampler=r.sampler, row_keys=keys, synced_gpus=b.synced_gpus)
-        return ids, mask, None
+        ro = Rollout(*args, logprobs, ref_logprobs, values, empty, entropy, sampler_logprobs)
+        return ro, Sampled(t_generate, t_sync, live)
 
     # ------------------------------------------------------------------ 2. score
-    def score(self, prompts: list[str], ro: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-        """Total score ``(N,)`` (rlhf.rewards.scoring.score_responses), the gold score ``(N,)`` or None, the text."""
+    def score(self, prompts: list[str], ro: Rollout) -> Scored:
+        """The reward sources' weighted total ``(N,)``, each source's score, the gold score (or None) and the
+        decoded completions (rlhf.rewards.sources.RewardSources.score)."""
         k = self.cfg.rollout.samples_per_prompt
-        return score_responses(self.models.reward, self.models.tokenizer, self.models.reward_tokenizer,
-                               self.cfg.reward, self.reward_fn, self.gold_fn, [p for p in prompts for _ in range(k)],
-                               ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask,
-                               autocast=self.backend.autocast())
+        return self.rewards.score([p for p in prompts for _ in range(k)], ro.query_ids, ro.query_mask,
+                                  ro.response_ids, ro.response_mask, autocast=self.backend.autocast)
 
     # ------------------------------------------------------------------ 3. shape
     def kl_per_token(self, ro: Rollout, estimator: str) -> torch.Tensor:
@@ -389,7 +374,7 @@ class PolicyTrainer:
         if live is not None:  # fused: idx is every row, in order
             logp = live.logprobs[:, :width]
         else:
-            logp, _ = policy_logprobs(self.policy, q_ids, q_mask, resp, mask, temperature=r.temperature,
+            logp, _ = policy_logprobs(self.policy, q_ids, q_mask, resp, mask, spec=self.spec,
                                       chunk_size=r.logprob_chunk_size)
         values = None
         if self.critic is not None:
@@ -414,11 +399,13 @@ class PolicyTrainer:
         check_nonfinite_budget(step, what, self.nonfinite_steps, self.cfg.trainer.max_nonfinite_steps)
 
     # ------------------------------------------------------------------ 6. log
-    def log_step(self, step: int, ro: Rollout, gold, beta: float, update_stats: dict, ev) -> dict:
-        """The step's metric line (rlhf.trainers.policy_metrics.step_metrics); ``kl`` is always k1."""
+    def log_step(self, step: int, ro: Rollout, scored: Scored, beta: float, update_stats: dict, ev) -> dict:
+        """The step's metric line (rlhf.trainers.policy_metrics.step_metrics): ``kl`` is always k1; each reward
+        source's mean score as ``score/<name>``."""
         kl_seq = self.kl_per_token(ro, "k1").sum(-1) if ro.ref_logprobs is not None else None
-        return step_metrics(self.backend, step, ro, kl_seq, gold, beta, update_stats, ev,
-                            self.scheduler.get_last_lr()[0])
+        by_source = {f"score/{name}": v for name, v in scored.by_source.items()}
+        return step_metrics(self.backend, step, ro, kl_seq, scored.gold, beta, update_stats, ev,
+                            self.scheduler.get_last_lr()[0], extra_means=by_source)
 
     # ------------------------------------------------------------------ 7. checkpoint
     def save(self, step: int) -> str | None:

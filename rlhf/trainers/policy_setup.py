@@ -24,9 +24,9 @@ from rlhf.models import (
     load_causal_lm,
     load_score_model,
     load_tokenizer,
-    same_tokenizer,
     value_model_from_policy,
 )
+from rlhf.rewards.sources import RewardSources, score_model_loader
 from rlhf.runtime.backend import DistributedBackend
 from rlhf.runtime.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
 
@@ -98,8 +98,11 @@ def load_policy_tokenizer(cfg: DictConfig):
     return tokenizer
 
 
-def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int | None) -> Models:
-    """Policy, frozen reference (when a KL is measured), reward model and its tokenizer, critic (PPO)."""
+def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int | None
+                ) -> tuple[Models, RewardSources]:
+    """Policy, frozen reference (when a KL is measured), the reward sources (reward models on the CPU until the
+    trainer places them), critic (PPO). ``Models.reward`` / ``reward_tokenizer`` are the ``model.reward``
+    shorthand's."""
     m = cfg.model
     policy_spec = os.path.join(resume_from, "policy") if resume_from else m.policy
     policy = load_causal_lm(policy_spec, tok, m.dtype, seed=cfg.seed)
@@ -110,26 +113,14 @@ def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int |
         copyable = not resume_from and zero_stage != 3
         reference = freeze(copy.deepcopy(policy) if copyable
                            else load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed))
-    reward, reward_tok = load_reward_model(cfg, tok)
+    rewards = RewardSources.from_config(cfg, tok, score_model_loader(m.dtype, cfg.seed))
+    reward, reward_tok = rewards.reward_model()
     value = None
     if cfg.algorithm.critic:
         value = load_critic(cfg, tok, policy, reward, reward_tok, resume_from)
         value.train()
     policy.train()
-    return Models(policy, reference, reward, value, tok, reward_tok)
-
-
-def load_reward_model(cfg: DictConfig, tok):
-    """``(reward model, its tokenizer)``; the tokenizer is None when it is the policy's (ids are passed as they
-    are), and both are None without ``model.reward``."""
-    m = cfg.model
-    if m.reward is None:
-        return None, None
-    reward_tok = load_tokenizer(m.reward_tokenizer or m.reward, padding_side="right")
-    check_tokenizer_fits(reward_tok, m.reward, m.reward_tokenizer, "model.reward_tokenizer", "model.reward")
-    # A built-in reward model is built for the tokenizer that feeds it, which is its own.
-    reward = freeze(load_score_model(m.reward, reward_tok, m.dtype, seed=cfg.seed))
-    return reward, (None if same_tokenizer(tok, reward_tok) else reward_tok)
+    return Models(policy, reference, reward, value, tok, reward_tok), rewards
 
 
 def load_critic(cfg: DictConfig, tok, policy, reward, reward_tok, resume_from: str | None):
@@ -152,32 +143,3 @@ def build_optimizer(cfg: DictConfig, policy, critic) -> torch.optim.Optimizer:
     if critic is not None:
         groups.append({"params": [p for p in critic.parameters() if p.requires_grad], "lr": t.value_lr})
     return torch.optim.AdamW(groups, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-
-
-def check_engine(cfg: DictConfig, backend: DistributedBackend) -> None:
-    """Rollout engines that cannot follow a sharded policy are refused under FSDP2 and ZeRO-3 (one line)."""
-    if cfg.rollout.engine != "vllm":
-        return
-    if backend.kind == "fsdp2":
-        raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but FSDP2 "
-                          "shards it; use configs/accelerate/ddp.yaml or deepspeed_zero2.yaml with vllm")
-    if backend.kind == "zero3":
-        raise ConfigError("rollout.engine: vllm copies the whole policy into vLLM every step, but ZeRO-3 shards "
-                          "it; use configs/accelerate/deepspeed_zero2.yaml or ddp.yaml with vllm")
-
-
-def build_engine(cfg: DictConfig, policy, tokenizer):
-    """The vLLM rollout engine, built from the policy as loaded (weights are synced before every rollout); None
-    for the hf engine, which decodes with the policy itself."""
-    if cfg.rollout.engine != "vllm":
-        return None
-    from rlhf.rollout.vllm import VLLMEngine
-
-    r, t = cfg.rollout, cfg.trainer
-    dtype = r.vllm.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if t.mixed_precision == "bf16" else cfg.model.dtype
-    # Prompts longer than data.max_prompt_length were refused before any model loaded.
-    return VLLMEngine(policy, tokenizer, seed=cfg.seed, dtype=dtype,
-                      max_model_len=cfg.data.max_prompt_length + r.max_new_tokens, enforce_eager=r.vllm.enforce_eager,
-                      gpu_memory_utilization=r.vllm.gpu_memory_utilization, cpu_kv_cache_gb=r.vllm.cpu_kv_cache_gb)
