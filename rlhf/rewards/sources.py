@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from rlhf.config import ConfigError, import_function
+from rlhf.config import ConfigError, RewardSourceConfig, import_function
 from rlhf.core.registry import Registry
 from rlhf.rewards import scoring
 from rlhf.rewards.functions import call_reward_function
@@ -66,22 +66,13 @@ class ScoreBatch:
         return self.response_ids.device
 
 
-@dataclass(frozen=True)
-class SourceSpec:
+@dataclass
+class SourceSpec(RewardSourceConfig):
     """One source as configured: a ``reward.sources`` entry, or a shorthand (``model.reward``,
     ``reward.function``). ``key`` is the config key of the source; ``keys`` maps a field to its config key where
     that is not ``<key>.<field>`` (the shorthands)."""
 
-    type: str
-    key: str
-    name: str
-    path: str | None = None
-    url: str | None = None
-    weight: float = 1.0
-    tokenizer: str | None = None
-    batch_size: int = 64
-    timeout_s: float = 30.0
-    retries: int = 3
+    key: str = ""
     keys: Mapping[str, str] = field(default_factory=dict)
 
     def key_of(self, name: str) -> str:
@@ -302,12 +293,12 @@ def source_specs(cfg) -> list[SourceSpec]:
     r, m = cfg.reward, cfg.model
     specs = []
     if m.reward is not None:
-        specs.append(SourceSpec("model", "model.reward", "model", path=m.reward, tokenizer=m.reward_tokenizer,
+        specs.append(SourceSpec(type="model", key="model.reward", name="model", path=m.reward, tokenizer=m.reward_tokenizer,
                                 weight=r.model_weight, keys={"path": "model.reward", "name": "model.reward",
                                                              "tokenizer": "model.reward_tokenizer",
                                                              "weight": "reward.model_weight"}))
     if r.function is not None:
-        specs.append(SourceSpec("function", "reward.function", "function", path=r.function,
+        specs.append(SourceSpec(type="function", key="reward.function", name="function", path=r.function,
                                 weight=r.function_weight, keys={"path": "reward.function", "name": "reward.function",
                                                                 "weight": "reward.function_weight"}))
     for i, s in enumerate(getattr(r, "sources", None) or []):
@@ -316,7 +307,7 @@ def source_specs(cfg) -> list[SourceSpec]:
                f"unknown reward source type {s.type!r}; valid types: {', '.join(REWARD_SOURCES.names())}")
         values = {f: s[f] for f in ("path", "url", "weight", "tokenizer", "batch_size", "timeout_s", "retries")}
         name = s.name if s.name is not None else REWARD_SOURCES.get(s.type).default_name(values, i)
-        specs.append(SourceSpec(s.type, key, name, **values))
+        specs.append(SourceSpec(type=s.type, key=key, name=name, **values))
     return specs
 
 
