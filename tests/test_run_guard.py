@@ -223,3 +223,15 @@ def test_sigkill_leaves_a_lock_the_next_run_takes_over(tmp_path):
     proc.wait()
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == proc.pid
     RunLock(str(tmp_path)).acquire()
+
+
+def test_more_gpu_processes_than_gpus_stop_with_one_line(monkeypatch):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine with one GPU: rank 1 would ask for cuda:1."""
+    import rlhf.runtime.accelerator as accel
+
+    monkeypatch.setattr(accel.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(BackendMismatch, match=r"^trainer\.cpu: the launcher started 2 processes on this machine, but "
+                                              r"it has 1 GPU\(s\); launch at most 1 per machine"):
+        accel.check_gpus_per_machine(cpu=False, local_world=2, gpus=1)
+    accel.check_gpus_per_machine(cpu=False, local_world=2, gpus=2)  # one GPU each: fine
+    accel.check_gpus_per_machine(cpu=True, local_world=8, gpus=1)  # gloo processes need no GPU

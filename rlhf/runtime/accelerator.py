@@ -46,6 +46,18 @@ def wants_cpu(cpu: bool, world: int, device_present: bool) -> bool:
     return cpu or (world > 1 and not device_present)
 
 
+def check_gpus_per_machine(cpu: bool, local_world: int, gpus: int | None = None) -> None:
+    """Raise BackendMismatch when more GPU processes were launched on this machine than it has GPUs: each process
+    takes the GPU of its local rank, and ranks past the last GPU would fail with an opaque CUDA error."""
+    if cpu or local_world <= 1 or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count() if gpus is None else gpus
+    if local_world > gpus:
+        raise BackendMismatch(f"trainer.cpu: the launcher started {local_world} processes on this machine, but it "
+                              f"has {gpus} GPU(s); launch at most {gpus} per machine (--num_processes), or set "
+                              "trainer.cpu=true to run them on the CPU (gloo)")
+
+
 def make_accelerator(t: DictConfig) -> Accelerator:
     """The Accelerator of a stage from its ``trainer`` config (``cpu``, ``mixed_precision``, ``dist_timeout_s``).
 
@@ -58,6 +70,7 @@ def make_accelerator(t: DictConfig) -> Accelerator:
     world = launched_world_size()
     device_present = has_accelerator_device()
     cpu = wants_cpu(t.cpu, world, device_present)
+    check_gpus_per_machine(cpu, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if cpu and not t.cpu and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger(__name__).info("%d processes launched and no GPU: running them on the CPU (gloo backend)",
                                          world)
