@@ -86,6 +86,23 @@ def per_token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k
     return KL_ESTIMATORS.get(estimator)(logp, ref_logp)
 
 
+def sampler_mismatch(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """How far the rollout engine's distribution is from the trainer's on the tokens the engine drew.
+
+    trainer_logp, sampler_logp, mask: ``(batch, response_len)``; the tokens were sampled from the engine, so with
+    ``log r = log pi_trainer - log pi_sampler`` per token: ``k1 = -log r`` and ``k3 = r - 1 - log r`` both estimate
+    KL(sampler || trainer), and ``ratio = r`` is the importance weight a correction would apply. Returns those three
+    ``(batch, response_len)`` tensors, 0 at padding (where the log-probs may be anything).
+    """
+    _check_pair(trainer_logp, sampler_logp)
+    _check_mask(mask, trainer_logp.shape)
+    real = mask.bool()
+    log_r = torch.where(real, trainer_logp.float() - sampler_logp.float(), 0.0)
+    ratio = torch.where(real, log_r.exp(), 0.0)
+    return {"k1": -log_r, "k3": torch.where(real, ratio - 1 - log_r, 0.0), "ratio": ratio}
+
+
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row. `mask`: (batch, response_len) -> (batch,) long.
 

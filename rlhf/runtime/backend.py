@@ -243,6 +243,14 @@ class DistributedBackend:
         """``x`` summed over processes (``x`` itself for one process)."""
         return self.acc.reduce(x, reduction="sum") if self.num_processes > 1 else x
 
+    def max(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` maximised over processes (``x`` itself for one process)."""
+        if self.num_processes == 1:
+            return x
+        x = x.detach().float().to(self.device).clone()
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return x
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` averaged over processes (``x`` itself for one process)."""
         return self.acc.reduce(x, reduction="mean") if self.num_processes > 1 else x

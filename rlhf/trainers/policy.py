@@ -47,6 +47,7 @@ from rlhf.runtime.signals import StopSignals
 from rlhf.trainers import policy_setup as setup
 from rlhf.trainers.policy_metrics import (
     add_timings,
+    mismatch_metrics,
     open_logger,
     progress_bar,
     sample_rows,
@@ -404,8 +405,12 @@ class PolicyTrainer:
         source's mean score as ``score/<name>``."""
         kl_seq = self.kl_per_token(ro, "k1").sum(-1) if ro.ref_logprobs is not None else None
         by_source = {f"score/{name}": v for name, v in scored.by_source.items()}
-        return step_metrics(self.backend, step, ro, kl_seq, scored.gold, beta, update_stats, ev,
-                            self.scheduler.get_last_lr()[0], extra_means=by_source)
+        token_means, ratio_max = mismatch_metrics(ro)  # the engine's log-probs of its samples against the trainer's
+        metrics = step_metrics(self.backend, step, ro, kl_seq, scored.gold, beta, update_stats, ev,
+                               self.scheduler.get_last_lr()[0], extra_means=by_source, extra_token_means=token_means)
+        if ratio_max is not None:
+            metrics["mismatch/ratio_max"] = self.backend.max(ratio_max).item()
+        return metrics
 
     # ------------------------------------------------------------------ 7. checkpoint
     def save(self, step: int) -> str | None:

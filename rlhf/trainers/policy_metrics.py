@@ -8,6 +8,7 @@ import warnings
 import torch
 from omegaconf import OmegaConf
 
+from rlhf.core.kl import sampler_mismatch
 from rlhf.core.losses import masked_mean
 from rlhf.rollout.batch import Rollout
 from rlhf.runtime.backend import DistributedBackend
@@ -17,11 +18,13 @@ from rlhf.runtime.tracking import MetricsLogger, truncate_metrics
 
 def step_metrics(backend: DistributedBackend, step: int, ro: Rollout, kl_seq: torch.Tensor | None,
                  gold: torch.Tensor | None, beta: float, update_stats: dict, ev, lr: float,
-                 extra_means: dict[str, torch.Tensor] | None = None) -> dict:
+                 extra_means: dict[str, torch.Tensor] | None = None,
+                 extra_token_means: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict:
     """One metric line: global means over all processes' sequences (and of the update's statistics, which the
     update already weighted by each process's share). ``kl_seq (N,)``: k1 KL summed over each response, or None
     without a reference (then ``kl`` is NaN and ``reward`` is the score). ``extra_means``: more ``(N,)`` per-sequence
-    values to average (e.g. each reward source's score)."""
+    values to average (e.g. each reward source's score); ``extra_token_means``: ``(sum, count)`` pairs averaged over
+    all processes' tokens (e.g. the sampler mismatch)."""
     mask = ro.response_mask
     # (sum, count) pairs, reduced once over all processes.
     pairs = {
@@ -35,6 +38,8 @@ def step_metrics(backend: DistributedBackend, step: int, ro: Rollout, kl_seq: to
         pairs["gold_score"] = (gold.sum(), gold.numel())
     for k, v in (extra_means or {}).items():
         pairs[k] = (v.float().sum(), v.numel())
+    for k, (total, count) in (extra_token_means or {}).items():
+        pairs[k] = (total.float(), count)
     for k, v in update_stats.items():
         pairs[k] = (torch.as_tensor(v, dtype=torch.float32), 1)
     names = list(pairs)
@@ -106,3 +111,15 @@ def progress_bar(cfg, is_main: bool, start_step: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.trainer.max_steps, initial=start_step, desc="rlhf", dynamic_ncols=True)
+
+
+def mismatch_metrics(ro: Rollout) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """``mismatch/kl_k1``, ``kl_k3`` and ``ratio_mean`` as (sum, token count) pairs, and this process's largest
+    ratio, from the engine's own log-probs of its samples against the trainer's (rlhf.core.kl.sampler_mismatch);
+    ``({}, None)`` when the engine returned none."""
+    if ro.sampler_logprobs is None:
+        return {}, None
+    m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
+    tokens = ro.response_mask.sum()
+    return ({"mismatch/kl_k1": (m["k1"].sum(), tokens), "mismatch/kl_k3": (m["k3"].sum(), tokens),
+             "mismatch/ratio_mean": (m["ratio"].sum(), tokens)}, m["ratio"].max())
