@@ -385,11 +385,19 @@ def _check_algorithm(cfg: DictConfig, value_lr_set: bool) -> None:
     a = cfg.algorithm
     _check_choice(a.advantage, "algorithm.advantage", ADVANTAGE_ESTIMATORS.names())
     _check_choice(a.policy_loss, "algorithm.policy_loss", POLICY_LOSSES.names())
+    max_clip = POLICY_LOSSES.info(a.policy_loss).max_clip
+    if max_clip is not None:
+        t = cfg.trainer
+        clip_high = t.clip_low if t.clip_high is None else t.clip_high
+        _check(t.clip_low <= max_clip and clip_high <= max_clip, "trainer.clip_low",
+               f"algorithm.policy_loss={a.policy_loss} clips a sequence-level ratio, which stays far closer to 1 than a "
+               f"token's: clip_low={t.clip_low}, clip_high={clip_high} would hardly ever clip (limit {max_clip}); the "
+               "GSPO paper uses trainer.clip_low=3e-4 trainer.clip_high=4e-4")
     _check_declarations(cfg, ADVANTAGE_ESTIMATORS.info(a.advantage), value_lr_set)
 
 
 def _check_trainer(t: DictConfig, r: DictConfig, world_size: int) -> None:
-    from rlhf.core.objectives import AGGREGATION_MODES
+    from rlhf.core.objectives import AGGREGATION_ALIASES, AGGREGATION_MODES
     from rlhf.rollout.sampling import SHUFFLES
 
     n_rollouts = r.prompts_per_step * r.samples_per_prompt // world_size
@@ -405,7 +413,7 @@ def _check_trainer(t: DictConfig, r: DictConfig, world_size: int) -> None:
     _check(t.clip_high is None or t.clip_high > 0, "trainer.clip_high", "must be > 0 or null")
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0 or null")
     _check_choice(t.value_loss, "trainer.value_loss", ["mse", "huber"])
-    _check_choice(t.loss_agg, "trainer.loss_agg", list(AGGREGATION_MODES))
+    _check_choice(t.loss_agg, "trainer.loss_agg", [*AGGREGATION_MODES, *AGGREGATION_ALIASES])
     _check_choice(t.scheduler, "trainer.scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
     _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16"])  # fp16 needs a loss scaler
     _check(t.keep_last >= 1, "trainer.keep_last", "must be >= 1")

@@ -24,20 +24,25 @@ def test_aggregate_modes_hand_values():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # token-mean: (1 + 2 + 3 + 4) / 4 = 2.5
     assert aggregate(loss, mask, "token-mean").item() == pytest.approx(2.5)
-    # seq-mean: mean(6/3, 4/1) = mean(2, 4) = 3
+    # seq-mean-token-mean: mean(6/3, 4/1) = mean(2, 4) = 3; "seq-mean" is its old name, same number
+    assert aggregate(loss, mask, "seq-mean-token-mean").item() == pytest.approx(3.0)
     assert aggregate(loss, mask, "seq-mean").item() == pytest.approx(3.0)
     # seq-mean-token-sum: mean(6, 4) = 5
     assert aggregate(loss, mask, "seq-mean-token-sum").item() == pytest.approx(5.0)
+    # seq-mean-token-sum-norm with the constant 4: mean(6/4, 4/4) = mean(1.5, 1) = 1.25
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", norm_len=4).item() == pytest.approx(1.25)
 
 
 def test_aggregate_rejects_bad_input():
-    with pytest.raises(ValueError, match="token-mean, seq-mean, seq-mean-token-sum"):
+    with pytest.raises(ValueError, match="token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm"):
         aggregate(torch.zeros(2, 3), torch.ones(2, 3), "mean")
+    with pytest.raises(ValueError, match="needs norm_len"):
+        aggregate(torch.zeros(2, 3), torch.ones(2, 3), "seq-mean-token-sum-norm")
     with pytest.raises(ValueError, match="mask"):
         aggregate(torch.zeros(2, 3), torch.ones(3, 2), "token-mean")
     with pytest.raises(ValueError, match="loss"):
         aggregate(torch.zeros(6), torch.ones(6), "token-mean")
-    assert AGGREGATION_MODES == ("token-mean", "seq-mean", "seq-mean-token-sum")
+    assert AGGREGATION_MODES == ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def _ppo_example():
@@ -135,7 +140,7 @@ def test_on_policy_ppo_gradient_equals_reinforce_gradient():
     torch.testing.assert_close(grads["vanilla"], -advantages * mask / 9)
 
 
-@pytest.mark.parametrize("name", ["ppo", "vanilla"])
+@pytest.mark.parametrize("name", ["ppo", "vanilla", "gspo", "gspo-token"])
 def test_policy_losses_reject_bad_shapes(name):
     fn = POLICY_LOSSES.get(name)
     x = torch.zeros(2, 3)

@@ -2,10 +2,13 @@
 Bradley-Terry reward-model loss, and how per-token losses are reduced to a scalar.
 
 Per-token tensors are (batch, response_len); `mask` is 1 on real response tokens and 0 on padding.
-Policy losses are registered in `POLICY_LOSSES` with one signature and selected by name.
+Policy losses are registered in `POLICY_LOSSES` with one signature and selected by name; each may declare facts
+(`PolicyLossInfo`) that config validation reads.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +17,25 @@ from rlhf.core.kl import per_token_kl
 from rlhf.core.losses import huber, masked_mean, masked_sum, masked_var, mse
 from rlhf.core.registry import Registry
 
-POLICY_LOSSES = Registry("policy loss")
-AGGREGATION_MODES = ("token-mean", "seq-mean", "seq-mean-token-sum")
+
+@dataclass(frozen=True)
+class PolicyLossInfo:
+    """What a policy loss declares about itself (``POLICY_LOSSES.register(name, ...)``); every fact has a default, so
+    a loss that declares nothing is a token-level one.
+
+    max_clip: the largest trainer.clip_low / clip_high that still clips, or None for no limit. A sequence-level ratio
+    (GSPO) is the geometric mean of its token ratios, so it stays far closer to 1 than a token ratio: a PPO-sized
+    range (0.2) would never clip, and rlhf.config refuses a clip range above this.
+    """
+
+    max_clip: float | None = None
+
+
+POLICY_LOSSES = Registry("policy loss", info=PolicyLossInfo)
+# How per-token losses become one scalar, named as the papers name them (see `aggregate`).
+AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Old names still accepted, each the name of one of AGGREGATION_MODES (same numbers).
+AGGREGATION_ALIASES = {"seq-mean": "seq-mean-token-mean"}
 VALUE_LOSSES = ("mse", "huber")
 
 
@@ -43,22 +63,39 @@ def _bool_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return mask != 0
 
 
-def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def aggregation_mode(mode: str) -> str:
+    """``mode``'s name in AGGREGATION_MODES (an alias resolved); ValueError naming the valid modes otherwise."""
+    mode = AGGREGATION_ALIASES.get(mode, mode)
+    if mode not in AGGREGATION_MODES:
+        aliases = ", ".join(f"{a} = {m}" for a, m in AGGREGATION_ALIASES.items())
+        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATION_MODES)} "
+                         f"(alias: {aliases})")
+    return mode
+
+
+def aggregate(loss: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: float | None = None) -> torch.Tensor:
     """Reduce a per-token loss (batch, response_len) to a scalar over the real tokens.
 
-    "token-mean": Σ loss over all real tokens / their count (long sequences weigh more);
-    "seq-mean": mean over sequences of each sequence's token mean (every sequence weighs the same);
-    "seq-mean-token-sum": mean over sequences of each sequence's token sum (scales with length).
+    "token-mean" (DAPO): Σ loss over all real tokens of the batch / their count (long sequences weigh more);
+    "seq-mean-token-mean" (GRPO paper; alias "seq-mean"): mean over sequences of each sequence's token mean (every
+    sequence weighs the same);
+    "seq-mean-token-sum": mean over sequences of each sequence's token sum (scales with length);
+    "seq-mean-token-sum-norm" (Dr. GRPO): mean over sequences of each token sum / ``norm_len``, a constant (the
+    trainer's rollout.max_new_tokens), so no length biases the per-token weight. ``norm_len`` is required for
+    this mode and ignored by the others.
     """
-    if mode not in AGGREGATION_MODES:
-        raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(AGGREGATION_MODES)}")
+    mode = aggregation_mode(mode)
     _check_tensor(loss, "loss")
     bmask = _bool_mask(mask, loss)
     if mode == "token-mean":
         return masked_mean(loss, bmask)
-    if mode == "seq-mean":
+    if mode == "seq-mean-token-mean":
         return masked_mean(loss, bmask, dim=1).mean()
-    return masked_sum(loss, bmask, dim=1).mean()
+    if mode == "seq-mean-token-sum":
+        return masked_sum(loss, bmask, dim=1).mean()
+    if norm_len is None or not norm_len > 0:
+        raise ValueError(f"aggregation {mode!r} needs norm_len > 0 (rollout.max_new_tokens), got {norm_len}")
+    return masked_sum(loss, bmask, dim=1).mean() / norm_len
 
 
 def _check_policy_inputs(
@@ -85,6 +122,16 @@ def _ratio_stats(log_ratio: torch.Tensor, bmask: torch.Tensor) -> dict[str, torc
     }
 
 
+def _check_clip(clip_low: float, clip_high: float | None) -> float:
+    """Validate the ratio clip range; returns ``clip_high`` (``clip_low`` when None)."""
+    clip_high = clip_low if clip_high is None else clip_high
+    if not 0 <= clip_low < 1:
+        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
+    if not clip_high >= 0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    return clip_high
+
+
 @POLICY_LOSSES.register("ppo")
 def ppo_policy_loss(
     logp: torch.Tensor,
@@ -104,11 +151,7 @@ def ppo_policy_loss(
     loss, so the clip zeroes the gradient), "approxkl", "ratio_mean".
     """
     bmask = _check_policy_inputs(logp, old_logp, advantages, mask)
-    clip_high = clip_low if clip_high is None else clip_high
-    if not 0 <= clip_low < 1:
-        raise ValueError(f"clip_low must be in [0, 1), got {clip_low}")
-    if not clip_high >= 0:
-        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    clip_high = _check_clip(clip_low, clip_high)
     log_ratio = _log_ratio(logp, old_logp, bmask)
     advantages = torch.where(bmask, advantages, torch.zeros_like(advantages))
     ratio = log_ratio.exp()
@@ -144,6 +187,81 @@ def vanilla_policy_loss(
     stats = _ratio_stats(log_ratio, bmask)
     stats["clipfrac"] = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return loss, stats
+
+
+def _gspo(logp, old_logp, advantages, mask, clip_low, clip_high, agg, token_level: bool):
+    bmask = _check_policy_inputs(logp, old_logp, advantages, mask)
+    clip_high = _check_clip(clip_low, clip_high)
+    log_ratio = _log_ratio(logp, old_logp, bmask)  # 0 at padding
+    has_tokens = bmask.any(dim=1)
+    # log s_i = mean over the sequence's real tokens of log(π/π_old): 0 (s_i = 1) for a row with none.
+    log_s = masked_mean(log_ratio, bmask, dim=1).unsqueeze(1)  # (batch, 1)
+    advantages = torch.where(bmask, advantages, torch.zeros_like(advantages))
+    if token_level:
+        # GSPO-token: s_i,t = sg[s_i] π_t / sg[π_t]; its value is s_i, its gradient s_i ∇log π_t per token.
+        ratio = (log_s.detach() + log_ratio - log_ratio.detach()).exp()
+    else:
+        # GSPO: one ratio per sequence, times the sequence's advantage (the mean of its token advantages: equal to
+        # each of them for the group estimators), broadcast over its tokens so `agg` weighs the sequences.
+        ratio = log_s.exp().expand_as(log_ratio)
+        advantages = masked_mean(advantages, bmask, dim=1).unsqueeze(1).expand_as(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = aggregate(torch.maximum(unclipped, clipped), bmask, agg)
+    # Per sequence: the fraction of its real tokens where the clip binds (0 or 1 for GSPO, and for GSPO-token when
+    # the advantage is constant over the sequence), averaged over the sequences that have tokens.
+    seq_clipped = masked_mean((clipped > unclipped).to(logp.dtype), bmask, dim=1)
+    stats = {
+        "clipfrac": masked_mean(seq_clipped, has_tokens).detach(),
+        "approxkl": _ratio_stats(log_ratio, bmask)["approxkl"],  # token-level k3, comparable with "ppo"
+        "ratio_mean": masked_mean(log_s.detach().squeeze(1).exp(), has_tokens),  # mean of s_i
+    }
+    return loss, stats
+
+
+@POLICY_LOSSES.register("gspo", max_clip=0.01)
+def gspo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): a sequence-level clipped surrogate.
+
+    Per sequence i, s_i = exp(mean over its real tokens of (logp - old_logp)) (the length-normalised sequence
+    likelihood ratio) and A_i the mean of its token advantages (each token carries the same one for GRPO / RLOO);
+    loss_i = -min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i). The paper's range is tiny, about
+    clip_low=3e-4, clip_high=4e-4 (trainer.clip_low / clip_high). loss_i is put on each real token of sequence i and
+    reduced by `agg`: "seq-mean-token-mean" is the paper's mean over sequences; "token-mean" weighs a sequence by its
+    length. `logp`, `old_logp`, `advantages`, `mask`: (batch, response_len). Detached 0-dim stats: "clipfrac"
+    (fraction of sequences whose clip binds), "approxkl" (token-level, as "ppo"), "ratio_mean" (mean s_i).
+    """
+    return _gspo(logp, old_logp, advantages, mask, clip_low, clip_high, agg, token_level=False)
+
+
+@POLICY_LOSSES.register("gspo-token", max_clip=0.01)
+def gspo_token_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float | None = None,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO-token (Zheng et al. 2025): per token -min(s_it A_it, clip(s_it) A_it) with s_it = sg[s_i] π_t / sg[π_t].
+
+    s_it equals the sequence ratio s_i of "gspo" in value (so the clip decision is the sequence's), its gradient is
+    s_i ∇log π_t, and A_it is the token's own advantage. With an advantage constant over each sequence, its loss
+    and gradient equal "gspo"'s for every `agg`. Same arguments, clip range and stats as "gspo" ("clipfrac": per
+    sequence, the fraction of its tokens clipped, averaged over sequences).
+    """
+    return _gspo(logp, old_logp, advantages, mask, clip_low, clip_high, agg, token_level=True)
 
 
 def value_loss(

@@ -135,8 +135,8 @@ class PolicyTrainer:
         # rollout's policy forward doubles as the update's (see sample()). DeepSpeed steps inside backward.
         self.fused = t.ppo_epochs == 1 and t.minibatches == 1 and t.grad_accum == 1 and not b.steps_inside_backward
         self.loss_settings = LossSettings(clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg,
-                                          kl_estimator=cfg.kl.estimator, value_clip=t.value_clip,
-                                          value_loss=t.value_loss, value_coef=t.value_coef)
+                                          agg_norm=cfg.rollout.max_new_tokens, kl_estimator=cfg.kl.estimator,
+                                          value_clip=t.value_clip, value_loss=t.value_loss, value_coef=t.value_coef)
         self.start_step, self.nonfinite_steps = 0, 0
         self.signals = StopSignals()
         if self.resume_from:
@@ -344,7 +344,7 @@ class PolicyTrainer:
             for mb_idx in minibatch_indices(n, t.minibatches, t.shuffle, g, b.num_processes, b.process_index,
                                             ro.response_ids.device):
                 mask = ro.response_mask[mb_idx]
-                denom = b.global_count(loss_units(mask, t.loss_agg, mask.device))
+                denom = b.global_count(loss_units(mask, t.loss_agg, mask.device, self.loss_settings.agg_norm))
                 for j in range(t.grad_accum):
                     idx = mb_idx[j * micro:(j + 1) * micro]
                     with b.no_sync((self.policy, self.critic), j != t.grad_accum - 1):
@@ -387,7 +387,8 @@ class PolicyTrainer:
             old_values=ro.values[idx, :width] if values is not None else None,
             returns=returns[idx, :width] if values is not None else None)
         # The loss is a mean over this micro-batch's units; rescale it to the minibatch's over all processes.
-        share, scale = micro_batch_share(loss_units(mask, self.cfg.trainer.loss_agg), denom, self.backend.num_processes)
+        units = loss_units(mask, self.cfg.trainer.loss_agg, agg_norm=self.loss_settings.agg_norm)
+        share, scale = micro_batch_share(units, denom, self.backend.num_processes)
         return loss * scale, stats, share.detach()
 
     def _optimizer_step(self) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from rlhf.core.objectives import aggregation_mode
 from rlhf.rollout.sampling import minibatch_rows
 
 
@@ -31,11 +32,19 @@ def minibatch_indices(n: int, minibatches: int, shuffle: str, g: torch.Generator
     return [perm[mb * size:(mb + 1) * size] for mb in range(minibatches)]
 
 
-def loss_units(mask: torch.Tensor, loss_agg: str, device=None) -> torch.Tensor:
-    """``()``: what a loss aggregated by ``loss_agg`` divides by over ``mask (rows, len)``: its tokens (token-mean)
-    or its sequences (the seq-mean modes)."""
-    if loss_agg == "token-mean":
+def loss_units(mask: torch.Tensor, loss_agg: str, device=None, agg_norm: float | None = None) -> torch.Tensor:
+    """``()``: what a loss aggregated by ``loss_agg`` (rlhf.core.objectives.aggregate) divides by over ``mask (rows,
+    len)``: its real tokens (token-mean), its sequences (seq-mean-token-mean, seq-mean-token-sum, and the alias
+    seq-mean), or its sequences times the constant ``agg_norm`` (seq-mean-token-sum-norm, Dr. GRPO: rows x
+    rollout.max_new_tokens). The trainer rescales each micro-batch's loss by its units over the global count, so
+    accumulation and several processes give the loss of the whole minibatch."""
+    mode = aggregation_mode(loss_agg)
+    if mode == "token-mean":
         return mask.sum()
+    if mode == "seq-mean-token-sum-norm":
+        if agg_norm is None or not agg_norm > 0:
+            raise ValueError(f"loss_agg={mode} needs agg_norm > 0 (rollout.max_new_tokens), got {agg_norm}")
+        return torch.tensor(float(mask.shape[0]) * float(agg_norm), device=device)
     return torch.tensor(float(mask.shape[0]), device=device)
 
 
