@@ -282,3 +282,17 @@ def test_config_refuses_a_ppo_sized_clip_for_gspo(tmp_path):
         cfg = validate_policy_config(compose_policy([f"algorithm.policy_loss={name}", "trainer.clip_low=3e-4",
                                                      "trainer.clip_high=4e-4"], run_dir=str(tmp_path)))
         assert (cfg.trainer.clip_low, cfg.trainer.clip_high) == (3e-4, 4e-4)
+
+
+@pytest.mark.parametrize("preset, loss, agg, std", [("gspo", "gspo", "seq-mean-token-mean", True),
+                                                    ("dr_grpo", "ppo", "seq-mean-token-sum-norm", False)])
+def test_recipe_presets_compose_and_train_two_steps(policy_cfg, preset, loss, agg, std):
+    """algorithm=gspo / dr_grpo set the switches their papers name, and a run with them trains."""
+    from rlhf.trainers.policy import PolicyTrainer
+
+    cfg = policy_cfg(f"algorithm={preset}", "trainer.max_steps=2")
+    assert (cfg.algorithm.policy_loss, cfg.trainer.loss_agg, cfg.algorithm.std_normalize) == (loss, agg, std)
+    history = PolicyTrainer(cfg).train()
+    assert [m["step"] for m in history] == [0, 1]
+    assert all(math.isfinite(m["policy/loss"]) and m["policy/skipped_updates"] == 0 for m in history)
+    assert history[1]["kl"] > 0  # the first update moved the policy
