@@ -36,6 +36,7 @@ from rlhf.rollout.spec import SamplingSpec, sampling_logprobs
 def concat(query_ids, query_mask, response_ids, response_mask):
     return torch.cat([query_ids, response_ids], 1), torch.cat([query_mask, response_mask], 1)
 
+
 def response_logits(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                     response_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """``(N, R, V)`` logits predicting the response tokens: ``[:, t]`` predicts ``response_ids[:, t]``."""
@@ -44,6 +45,7 @@ def response_logits(model: torch.nn.Module, query_ids: torch.Tensor, query_mask:
     # Only the R positions that predict response tokens need logits: logits[t] predicts ids[t + 1].
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                  use_cache=False, logits_to_keep=r + 1).logits[:, :-1]
+
 
 def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                     response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec | None = None,
@@ -69,6 +71,7 @@ def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask:
     return sampling_logprobs(logits, response_ids, spec, response_mask=response_mask, chunk_size=chunk_size,
                              with_entropy=with_entropy, keep_token=keep_token)
 
+
 def reference_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                        response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec,
                        chunk_size: int = 1024) -> torch.Tensor:
@@ -78,6 +81,7 @@ def reference_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_ma
     logprobs, _ = policy_logprobs(model, query_ids, query_mask, response_ids, response_mask,
                                   temperature=spec.temperature, chunk_size=chunk_size)
     return logprobs
+
 
 class TokenValues(torch.nn.Module):
     """Wraps a one-label sequence-classification model as a critic: ``(N, S) -> (N, S)`` values per position.
@@ -91,6 +95,7 @@ class TokenValues(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return token_scores(self.model, input_ids, attention_mask)
+
 
 class PolicyAndValue(torch.nn.Module):
     """The policy and the critic as one module, for the optimizer's parameter names and for FSDP2.
@@ -109,6 +114,7 @@ class PolicyAndValue(torch.nn.Module):
         layers = set(getattr(policy, "_no_split_modules", None) or [])
         layers |= set(getattr(critic.model, "_no_split_modules", None) or [])
         self._no_split_modules = sorted(layers | {type(policy).__name__, type(critic).__name__})
+
 
 def response_values(critic: torch.nn.Module, query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
     """Critic values of the states before each response token: ``(N, R)``, aligned with the log-probs."""
