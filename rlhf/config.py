@@ -434,25 +434,19 @@ def _check_models_and_rewards(cfg: DictConfig) -> None:
            "reward.function", f"no reward: set model.reward or reward.function (auto gives a built-in task's reward "
            f"only with data.prompts=builtin:<task>, not {cfg.data.prompts!r}), or list reward.sources")
     _check_tokenizer_pairing(cfg.model.policy, cfg.model.tokenizer, "model.tokenizer", "model.policy")
-    if cfg.model.reward is not None:
-        _check_tokenizer_pairing(cfg.model.reward, cfg.model.reward_tokenizer, "model.reward_tokenizer",
-                                 "model.reward")
     _check(cfg.reward.timeout_s is None or cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 or null")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
-    for key in ("reward", "reward_tokenizer", "value"):  # policy and tokenizer: checked first
-        spec = cfg.model[key]
-        if spec is not None and not (key == "value" and spec == "policy"):
-            try:
-                check_spec(spec, f"model.{key}")
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-    for key in ("reward", "value"):
-        if cfg.model[key] != "policy":
-            _check_one_label(cfg.model[key], f"model.{key}")
+    # model.value here; model.reward (its folder, tokenizer and one label) and reward.function are reward sources,
+    # checked by check_reward_sources with the same messages.
+    if cfg.model.value is not None and cfg.model.value != "policy":
+        try:
+            check_spec(cfg.model.value, "model.value")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        _check_one_label(cfg.model.value, "model.value")
     _check(cfg.data.num_prompts is None or cfg.data.num_prompts > 0, "data.num_prompts", "must be > 0 or null")
-    for key in ("function", "gold"):
-        if cfg.reward[key] is not None:
-            import_function(cfg.reward[key], f"reward.{key}")
+    if cfg.reward.gold is not None:
+        import_function(cfg.reward.gold, "reward.gold")
     check_reward_sources(cfg)
 
 

@@ -137,7 +137,7 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_spec: str, to
     if vocab is not None and n > vocab:
         raise ModelSpecError(f"{key}: {tok_spec} has {n} tokens but {model_key} {model_spec} embeds only {vocab} "
                              f"(config.vocab_size); they are not a pair: set {key}=null to use the model's own")
-    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    if os.path.isdir(path) and has_tokenizer_files(path):
         own = load_tokenizer(path)
         if own.get_vocab() != tokenizer.get_vocab():
             raise ModelSpecError(f"{key}: {tok_spec} has another vocabulary ({n} tokens) than the tokenizer in "
@@ -147,6 +147,10 @@ def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, model_spec: str, to
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """Files of which a folder with a tokenizer has at least one."""
+
+
+def has_tokenizer_files(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES)
 
 
 def check_spec(spec: str, key: str) -> None:
@@ -172,7 +176,7 @@ def check_spec(spec: str, key: str) -> None:
             raise ModelSpecError(f"{key}: folder {spec!r} does not exist")
         if not key.endswith("tokenizer") and not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelSpecError(f"{key}: folder {spec!r} has no config.json (incomplete checkpoint?)")
-        if key.endswith("tokenizer") and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        if key.endswith("tokenizer") and not has_tokenizer_files(path):
             raise ModelSpecError(f"{key}: folder {spec!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
 
 
@@ -182,7 +186,7 @@ def check_has_tokenizer(spec: str, key: str, tok_key: str) -> None:
     path = os.path.expanduser(spec)
     if is_builtin(spec) or not os.path.isdir(path):
         return
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    if not has_tokenizer_files(path):
         raise ModelSpecError(f"{tok_key}: null uses the tokenizer of {key} {spec!r}, but that folder has none "
                              f"({', '.join(TOKENIZER_FILES)}); save one there or set {tok_key}")
 

@@ -312,13 +312,12 @@ def source_specs(cfg) -> list[SourceSpec]:
 
 
 def check_reward_sources(cfg) -> None:
-    """Config checks of ``reward.sources`` (types, per-type fields, ranges), finite weights of every source, and
+    """Config checks of every source, the shorthands included (types, per-type fields, ranges), finite weights, and
     unique names across the shorthands and the list. Run by validate_policy_config, before any model loads.
     Raises a one-line ConfigError naming the key (``reward.sources[1].type: ...``)."""
     seen: dict[str, str] = {}
     for spec in source_specs(cfg):
-        if spec.key.startswith("reward.sources["):  # the shorthands are checked by validate_policy_config
-            REWARD_SOURCES.get(spec.type).check(spec)
+        REWARD_SOURCES.get(spec.type).check(spec)  # the shorthands too: model.reward, reward.function
         _check(math.isfinite(spec.weight), spec.key_of("weight"), f"must be a finite number, got {spec.weight}")
         _check(bool(NAME_PATTERN.fullmatch(spec.name)), spec.key_of("name"),
                f"{spec.name!r} is not a metric name (letters, digits, _ . - only); it is logged as score/<name>")
