@@ -62,6 +62,8 @@ class AlgorithmConfig:
     gamma: float | None = None
     lam: float | None = None
     std_normalize: bool | None = None
+    is_correction: str = MISSING
+    is_cap: float = MISSING
 
 
 @dataclass
@@ -98,6 +100,8 @@ class RewardConfig:
     missing_eos_penalty: float | None = MISSING
     clip: float | None = MISSING
     timeout_s: float | None = MISSING
+    overlong_buffer: float | None = MISSING  # tokens (int >= 1) or a share of rollout.max_new_tokens (float < 1)
+    overlong_factor: float = MISSING
 
 
 @dataclass
@@ -106,6 +110,11 @@ class VLLMConfig:  # rollout.vllm: a mapping in policy.yaml, so each field has i
     gpu_memory_utilization: float = MISSING
     enforce_eager: bool = MISSING
     cpu_kv_cache_gb: int = MISSING
+
+
+@dataclass
+class HFEngineConfig:  # rollout.hf
+    dtype: str = MISSING
 
 
 @dataclass
@@ -120,9 +129,11 @@ class RolloutConfig:
     min_p: float = MISSING
     sampler: str = MISSING
     engine: str = MISSING
+    hf: HFEngineConfig = field(default_factory=HFEngineConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     logprob_chunk_size: int = MISSING
     gather_for_generation: bool = MISSING
+    max_resample_rounds: int = MISSING
 
 
 @dataclass
@@ -134,6 +145,7 @@ class KLConfig:
     target: float = MISSING
     horizon: int = MISSING
     log_at_zero_beta: bool | None = MISSING  # null = auto (resolve_policy_defaults)
+    loss_correction: str = MISSING
 
 
 @dataclass
@@ -352,6 +364,7 @@ def _check_rollout(r: DictConfig, world_size: int) -> None:
     spec = SamplingSpec.from_config(r)
     _check_choice(r.engine, "rollout.engine", ENGINES.names())
     ENGINES.get(r.engine).check_spec(spec)  # e.g. vllm: min_p together with top_k/top_p
+    _check_choice(r.hf.dtype, "rollout.hf.dtype", ["auto", *DTYPES])
     if r.engine == "vllm":
         _check_choice(r.vllm.dtype, "rollout.vllm.dtype", ["auto", *DTYPES])
         _check(0 < r.vllm.gpu_memory_utilization < 1, "rollout.vllm.gpu_memory_utilization", "must be in (0, 1)")
@@ -361,9 +374,14 @@ def _check_rollout(r: DictConfig, world_size: int) -> None:
         except VLLMUnavailable as e:
             raise ConfigError(str(e)) from None
     _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
+    _check(r.max_resample_rounds >= 0, "rollout.max_resample_rounds", "must be >= 0")
+    _check(r.max_resample_rounds == 0 or r.samples_per_prompt >= 2, "rollout.max_resample_rounds",
+           "dynamic sampling drops groups whose samples all score the same, so it needs rollout.samples_per_prompt "
+           f">= 2, got {r.samples_per_prompt}")
 
 
 def _check_kl(k: DictConfig) -> None:
+    from rlhf.core.correction import KL_LOSS_CORRECTIONS
     from rlhf.core.kl import KL_CONTROLLERS, KL_ESTIMATORS
 
     _check(k.beta >= 0, "kl.beta", f"must be >= 0, got {k.beta}")
@@ -376,10 +394,18 @@ def _check_kl(k: DictConfig) -> None:
     _check(k.horizon > 0, "kl.horizon", "must be > 0")
     _check(not (k.controller == "adaptive" and k.beta == 0), "kl.beta",
            "the adaptive controller cannot move a beta of 0; start it above 0")
+    _check_choice(k.loss_correction, "kl.loss_correction", list(KL_LOSS_CORRECTIONS))
+    if k.loss_correction != "none":
+        _check(not k.in_reward, "kl.loss_correction", "corrects the KL loss term, and kl.in_reward=true has none; "
+               "set kl.in_reward=false or kl.loss_correction=none")
+        _check(k.estimator in ("k1", "k3"), "kl.loss_correction",
+               f"=is needs kl.estimator k1 or k3, got {k.estimator} (the importance-weighted k2 estimates "
+               "E[(log r)^2 / 2], not the KL)")
 
 
 def _check_algorithm(cfg: DictConfig, value_lr_set: bool) -> None:
     from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
+    from rlhf.core.correction import IS_CORRECTIONS
     from rlhf.core.objectives import POLICY_LOSSES
 
     a = cfg.algorithm
@@ -393,6 +419,8 @@ def _check_algorithm(cfg: DictConfig, value_lr_set: bool) -> None:
                f"algorithm.policy_loss={a.policy_loss} clips a sequence-level ratio, which stays far closer to 1 than a "
                f"token's: clip_low={t.clip_low}, clip_high={clip_high} would hardly ever clip (limit {max_clip}); the "
                "GSPO paper uses trainer.clip_low=3e-4 trainer.clip_high=4e-4")
+    _check_choice(a.is_correction, "algorithm.is_correction", list(IS_CORRECTIONS))
+    _check(a.is_cap > 1, "algorithm.is_cap", f"must be > 1 (the weight cap C; 1/C is the lower band), got {a.is_cap}")
     _check_declarations(cfg, ADVANTAGE_ESTIMATORS.info(a.advantage), value_lr_set)
 
 
@@ -428,6 +456,7 @@ def _check_trainer(t: DictConfig, r: DictConfig, world_size: int) -> None:
 def _check_models_and_rewards(cfg: DictConfig) -> None:
     from rlhf.models import DTYPES, check_spec
     from rlhf.rewards.sources import check_reward_sources
+    from rlhf.rollout.dynamic import overlong_buffer_tokens
 
     _check_choice(cfg.model.dtype, "model.dtype", list(DTYPES))
     _check(cfg.model.reward is not None or cfg.reward.function is not None or len(cfg.reward.sources) > 0,
@@ -435,6 +464,11 @@ def _check_models_and_rewards(cfg: DictConfig) -> None:
            f"only with data.prompts=builtin:<task>, not {cfg.data.prompts!r}), or list reward.sources")
     _check_tokenizer_pairing(cfg.model.policy, cfg.model.tokenizer, "model.tokenizer", "model.policy")
     _check(cfg.reward.timeout_s is None or cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0 or null")
+    try:
+        overlong_buffer_tokens(cfg.reward.overlong_buffer, cfg.rollout.max_new_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(cfg.reward.overlong_factor >= 0, "reward.overlong_factor", "must be >= 0")
     _check(cfg.data.max_prompt_length > 0, "data.max_prompt_length", "must be > 0")
     # model.value here; model.reward (its folder, tokenizer and one label) and reward.function are reward sources,
     # checked by check_reward_sources with the same messages.

@@ -172,7 +172,7 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
 
     prompts = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the food was good"}, {"prompt": "it was"}] * 2)
     trainer = _trainer(tmp_path / "run", f"model.tokenizer={tmp_path / 'tok'}", f"data.prompts={prompts}", SENTIMENT)
-    ro, _ = trainer.sample(trainer.prompt_batch(0), 0)
+    ro = trainer.generate(trainer.prompt_batch(0), 0, 0)[0]
     # "it was" is 2 tokens left-padded to 4: its first 2 positions are pad (= eos id 2) with mask 0
     short = ro.query_mask.sum(-1) == 2
     assert short.any()
@@ -364,10 +364,10 @@ def test_out_of_memory_says_what_to_change(tmp_path):
     other = RuntimeError("shape mismatch")
     assert [is_out_of_memory(e) for e in (cuda, cpu, MemoryError(), other)] == [True, True, True, False]
     for err in (cuda, cpu):
-        def fail(prompts, step, err=err):
+        def fail(prompts, step, round_, err=err):
             raise err
 
-        trainer.sample = fail
+        trainer.generate = fail
         with pytest.raises(TrainingError) as e:
             trainer.train()
         msg = str(e.value)
@@ -377,10 +377,10 @@ def test_out_of_memory_says_what_to_change(tmp_path):
                      "trainer.minibatches (now 1)", "trainer.grad_accum (now 1)"):
             assert hint in msg, hint
 
-    def broken(prompts, step):
+    def broken(prompts, step, round_):
         raise other
 
-    trainer.sample = broken
+    trainer.generate = broken
     with pytest.raises(RuntimeError, match="^shape mismatch$"):  # not an OOM: passes through untouched
         trainer.train()
 

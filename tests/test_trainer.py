@@ -135,7 +135,7 @@ def test_reward_model_with_another_tokenizer_is_retokenized(policy_cfg, tmp_path
     trainer = PolicyTrainer(policy_cfg(f"model.reward={folder}", "reward.function=null", "trainer.max_steps=1"))
     assert trainer.models.reward_tokenizer is not None
     prompts = trainer.prompt_batch(0)
-    ro, _ = trainer.sample(prompts, 0)
+    ro = trainer.generate(prompts, 0, 0)[0]
     scores, _, _, completions = trainer.score(prompts, ro)  # Scored(total, by_source, gold, completions)
     # Reference: score each full text alone with the reward model's own tokenizer (+ its EOS).
     k = trainer.cfg.rollout.samples_per_prompt
@@ -163,7 +163,7 @@ def test_reward_model_and_function_are_weighted(policy_cfg, tmp_path):
     for a, b in zip(trainer.models.value.parameters(), trainer.models.reward.parameters()):
         assert torch.equal(a, b)
     prompts = trainer.prompt_batch(0)
-    ro, _ = trainer.sample(prompts, 0)
+    ro = trainer.generate(prompts, 0, 0)[0]
     scores, _, _, completions = trainer.score(prompts, ro)  # Scored(total, by_source, gold, completions)
     rm = reward_model_scores(trainer.models.reward, tok, None, ro.query_ids, ro.query_mask, ro.response_ids,
                              ro.response_mask)
@@ -175,7 +175,7 @@ def test_min_new_tokens_and_missing_eos_penalty(policy_cfg):
     trainer = PolicyTrainer(policy_cfg("rollout.min_new_tokens=6", "rollout.max_new_tokens=6",
                                        "reward.missing_eos_penalty=-10", "trainer.max_steps=1"))
     prompts = trainer.prompt_batch(0)
-    ro, _ = trainer.sample(prompts, 0)
+    ro = trainer.generate(prompts, 0, 0)[0]
     # EOS is suppressed for 6 tokens and at most 6 are generated: every response is cut, none has EOS.
     assert ro.response_mask.sum(-1).tolist() == [6] * ro.response_mask.shape[0]
     scores, _, gold, completions = trainer.score(prompts, ro)

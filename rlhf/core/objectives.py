@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhf.core.correction import importance_weighted_kl
 from rlhf.core.kl import per_token_kl
 from rlhf.core.losses import huber, masked_mean, masked_sum, masked_var, mse
 from rlhf.core.registry import Registry
@@ -354,20 +355,28 @@ def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.T
 
 
 def kl_loss(
-    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str, agg: str
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str, agg: str,
+    old_logp: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(π ‖ π_ref) as a loss term: the per-token `estimator` ("k1", "k2", "k3") reduced by `agg`.
 
     `logp`, `ref_logp`, `mask`: (batch, response_len) -> scalar. The estimators differ as losses: for
     a token sampled on-policy, the expected gradient of k1 is 0, that of k2 is ∇KL(π ‖ π_ref), and
-    that of k3 (GRPO's choice) is ∇KL(π_ref ‖ π).
+    that of k3 (GRPO's choice) is ∇KL(π_ref ‖ π). With `old_logp` (batch, response_len), the log-probs
+    the samples were drawn with, each token's estimate is weighted by π / π_old
+    (rlhf.core.correction.importance_weighted_kl, ``kl.loss_correction=is``): k1 and k3 then have the
+    gradient of KL(π ‖ π_ref) itself, on-policy or not.
     """
     _check_tensor(logp, "logp")
     _check_tensor(ref_logp, "ref_logp", logp.shape)
     bmask = _bool_mask(mask, logp)
     # Padding log-probs can be garbage: give them log r = 0 so exp() cannot overflow into a nan gradient.
     zero = logp.new_zeros(())
-    kl = per_token_kl(torch.where(bmask, logp, zero), torch.where(bmask, ref_logp, zero), estimator)
+    logp = torch.where(bmask, logp, zero)
+    kl = per_token_kl(logp, torch.where(bmask, ref_logp, zero), estimator)
+    if old_logp is not None:
+        _check_tensor(old_logp, "old_logp", logp.shape)
+        kl = importance_weighted_kl(kl, logp, torch.where(bmask, old_logp, zero), estimator)
     return aggregate(kl, bmask, agg)
 
 

@@ -22,6 +22,7 @@ class LossSettings:
     agg: str = "token-mean"
     agg_norm: float | None = None  # the constant of agg=seq-mean-token-sum-norm (Dr. GRPO): rollout.max_new_tokens
     kl_estimator: str = "k1"
+    kl_correction: str = "none"  # kl.loss_correction: "is" weights the KL loss by pi / pi_old (rlhf.core.correction)
     value_clip: float | None = 0.2
     value_loss: str = "mse"
     value_coef: float = 0.5
@@ -58,7 +59,8 @@ def rl_loss(policy_loss: Callable, logp: torch.Tensor, old_logp: torch.Tensor, a
     stats = {"policy/loss": pg_loss.detach(), "policy/clipfrac": pstats["clipfrac"],
              "policy/approxkl": pstats["approxkl"]}
     if ref_logp is not None:
-        kl_term = normed(kl_loss(logp, ref_logp, mask, s.kl_estimator, agg))
+        kl_term = normed(kl_loss(logp, ref_logp, mask, s.kl_estimator, agg,
+                                 old_logp=old_logp if s.kl_correction == "is" else None))
         loss = loss + kl_coef * kl_term
         stats["policy/kl_loss"] = kl_term.detach()
     if values is not None:

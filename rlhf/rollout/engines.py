@@ -116,13 +116,16 @@ def build_engine(name: str, policy: torch.nn.Module, tokenizer: PreTrainedTokeni
     return cls(policy, tokenizer, spec, gather=gather, synced_gpus=synced_gpus, **options)
 
 
-def check_backend(name: str, backend: str) -> None:
+def check_backend(name: str, backend: str, options: dict | None = None) -> None:
     """Raise a one-line ConfigError starting ``rollout.engine:`` when engine ``name`` does not support the
-    distributed ``backend`` (one of BACKENDS: DistributedBackend.kind)."""
+    distributed ``backend`` (one of BACKENDS: DistributedBackend.kind), or (an engine's own ``check_options``, when
+    it has one) not with these constructor ``options``."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown distributed backend {backend!r}; one of {', '.join(BACKENDS)}")
     cls = _engine_class(name)
     if backend in cls.backends:
+        if options and hasattr(cls, "check_options"):
+            cls.check_options(backend, options)
         return
     label = _BACKEND_NAMES[backend]
     why = getattr(cls, "unsupported_backend", "does not support {backend}").format(backend=label)

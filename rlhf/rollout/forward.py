@@ -121,3 +121,29 @@ def response_values(critic: torch.nn.Module, query_ids, query_mask, response_ids
     ids, mask = concat(query_ids, query_mask, response_ids, response_mask)
     q, r = query_ids.shape[1], response_ids.shape[1]
     return critic(ids, mask)[:, q - 1:q + r - 1]
+
+
+def rollout_forwards(ro, policy: torch.nn.Module, critic: torch.nn.Module | None, reference: torch.nn.Module | None,
+                     spec: SamplingSpec, chunk_size: int, keep_graph: bool, autocast):
+    """The forwards over a sampled rollout (rlhf.rollout.batch.Rollout): policy log-probs and entropy, critic values,
+    reference log-probs, filled into the rollout. ``keep_graph`` (the trainer's fused path: one epoch, one minibatch)
+    runs the policy and critic forwards with their graphs and also returns ``(logprobs, values)`` with them, for the
+    update to reuse; otherwise everything runs under no_grad and the second value is None. ``autocast``: a callable
+    returning the mixed-precision context."""
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask)
+    live = None
+    if keep_graph:
+        with autocast():
+            live_logp, entropy = policy_logprobs(policy, *args, spec=spec, chunk_size=chunk_size, with_entropy=True)
+            live_values = response_values(critic, *args) if critic is not None else None
+        live = (live_logp, live_values)
+        logprobs = live_logp.detach()
+        values = live_values.detach() if live_values is not None else None
+    with torch.no_grad(), autocast():
+        if not keep_graph:
+            logprobs, entropy = policy_logprobs(policy, *args, spec=spec, chunk_size=chunk_size, with_entropy=True)
+            values = response_values(critic, *args) if critic is not None else None
+        ref_logprobs = None
+        if reference is not None:
+            ref_logprobs = reference_logprobs(reference, *args, spec=spec, chunk_size=chunk_size)
+    return ro._replace(logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, entropy=entropy), live

@@ -10,6 +10,7 @@ none), so no field of a model's generation_config.json (top_k=50, min_p, top_h, 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
@@ -104,31 +105,58 @@ class HFEngine:
     policy: the unwrapped policy (``accelerator.unwrap_model``); ``sync_weights`` only records which module decodes.
     gather: a callable returning the context decoding runs in, e.g. the whole policy gathered once under FSDP2 or
     ZeRO-3 (default: nothing). synced_gpus: as in :func:`sample` (True under multi-process FSDP2; None: transformers
-    decides). spec: the default spec of ``generate``.
+    decides). spec: the default spec of ``generate``. dtype (``rollout.hf.dtype``): None decodes with the policy
+    module itself; a dtype other than the policy's decodes with a copy in that dtype (e.g. bfloat16 beside a float32
+    trainer: faster on AMX CPUs and GPUs), refreshed from the policy by every ``sync_weights``, and its log-probs
+    differ from the trainer's by the rounding (logged as ``mismatch/*``, corrected by ``algorithm.is_correction``).
+    A copy needs the whole weights on each process: one process or DDP.
     """
 
     backends: ClassVar[frozenset[str]] = frozenset({"single", "ddp", "fsdp2", "zero2", "zero3"})
 
     def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: SamplingSpec | None = None,
-                 *, gather: Callable[[], AbstractContextManager] | None = None, synced_gpus: bool | None = None):
-        self.policy = policy
+                 *, gather: Callable[[], AbstractContextManager] | None = None, synced_gpus: bool | None = None,
+                 dtype: torch.dtype | None = None):
         self.tokenizer = tokenizer
         self.spec = spec
         self.gather = gather if gather is not None else contextlib.nullcontext
         self.synced_gpus = synced_gpus
+        self.dtype = dtype
+        self.policy = None
+        self.sync_weights(policy)
 
     @classmethod
     def options_from_config(cls, cfg: Any) -> dict:
-        """Engine-specific constructor options from the run config: none."""
-        return {}
+        """Constructor options from the run config: ``dtype`` from rollout.hf.dtype (auto = None: the policy's
+        own module and dtype)."""
+        name = cfg.rollout.hf.dtype
+        return {"dtype": None if name == "auto" else getattr(torch, name)}
+
+    @classmethod
+    def check_options(cls, backend: str, options: dict) -> None:
+        """A copy in another dtype needs the whole weights on each process: refused under FSDP2 and ZeRO-3."""
+        if options.get("dtype") is not None and backend in ("fsdp2", "zero3"):
+            from rlhf.config import ConfigError
+
+            raise ConfigError("rollout.hf.dtype: a decoding copy in another dtype needs the whole weights on each "
+                              f"process, which {backend} shards; use rollout.hf.dtype=auto")
 
     @classmethod
     def check_spec(cls, spec: SamplingSpec) -> None:
         """Every SamplingSpec is drawn exactly."""
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
-        """The policy shares its weights with the trainer: nothing to copy; decode with this module from now on."""
-        self.policy = policy
+        """Decode with ``policy`` from now on: the module itself (shared weights, nothing to copy), or with
+        ``dtype`` set, a copy in that dtype whose weights are copied from it (made on the first call)."""
+        if self.dtype is None or next(policy.parameters()).dtype == self.dtype:
+            self.policy = policy
+            return
+        with torch.no_grad():
+            if self.policy is None or self.policy is policy:
+                self.policy = copy.deepcopy(policy).to(self.dtype).eval().requires_grad_(False)
+            else:
+                for mine, theirs in zip(self.policy.parameters(), policy.parameters(), strict=True):
+                    mine.copy_(theirs)
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, spec: SamplingSpec | None = None,
                  row_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,8 +35,18 @@ from rlhf.core.objectives import POLICY_LOSSES, explained_variance
 from rlhf.core.rl_loss import LossSettings, rl_loss
 from rlhf.rewards.sources import Scored
 from rlhf.rollout.batch import Rollout
+from rlhf.rollout.dynamic import (
+    add_overlong_penalty,
+    concat_rollouts,
+    concat_scored,
+    fill_groups,
+    informative_groups,
+    overlong_buffer_tokens,
+    select_rows,
+    select_scored,
+)
 from rlhf.rollout.engines import build_engine, check_backend, engine_options
-from rlhf.rollout.forward import TokenValues, policy_logprobs, reference_logprobs, response_values
+from rlhf.rollout.forward import TokenValues, policy_logprobs, response_values, rollout_forwards
 from rlhf.rollout.sampling import row_keys
 from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.accelerator import make_accelerator
@@ -47,6 +57,7 @@ from rlhf.runtime.signals import StopSignals
 from rlhf.trainers import policy_setup as setup
 from rlhf.trainers.policy_metrics import (
     add_timings,
+    dynamic_counts,
     mismatch_metrics,
     open_logger,
     progress_bar,
@@ -60,6 +71,7 @@ from rlhf.trainers.policy_update import (
     is_out_of_memory,
     loss_units,
     minibatch_indices,
+    mismatch_corrected,
     out_of_memory_message,
     prompt_rows,
     step_seed,
@@ -79,11 +91,12 @@ class Live(NamedTuple):
 
 
 class Sampled(NamedTuple):
-    """What ``sample`` hands on besides the rollout: generation time, weight-sync time, the live forward."""
+    """What ``sample`` hands on besides the rollout: generation and weight-sync seconds, and dynamic sampling's
+    ``dynamic/*`` counts (None when it is off)."""
 
     t_generate: float
-    t_sync: float | None
-    live: Live | None
+    t_sync: float
+    drawn: dict[str, float] | None
 
 
 class PolicyTrainer:
@@ -115,12 +128,13 @@ class PolicyTrainer:
         self.policy_loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
         self.spec = SamplingSpec.from_config(cfg.rollout, eos_token_id=tokenizer.eos_token_id)
+        self.overlong_buffer = overlong_buffer_tokens(cfg.reward.overlong_buffer, cfg.rollout.max_new_tokens)
         self.kl_ctl = build_kl_controller(cfg.kl.controller, cfg.kl.beta, cfg.kl.target, cfg.kl.horizon)
         critic = TokenValues(self.models.value) if self.models.value is not None else None
         optimizer = setup.build_optimizer(cfg, self.models.policy, critic)
         r = cfg.rollout
         b.check(t, r.prompts_per_step * r.samples_per_prompt // b.num_processes, critic is not None)
-        check_backend(r.engine, b.kind)
+        check_backend(r.engine, b.kind, engine_options(cfg))
         self.policy, self.critic, self.optimizer = b.prepare(self.models.policy, critic, optimizer)
         # Not prepared: accelerate would step a prepared scheduler once per process.
         self.scheduler = get_scheduler(t.scheduler, self.optimizer, num_warmup_steps=t.warmup_steps,
@@ -136,6 +150,7 @@ class PolicyTrainer:
         self.fused = t.ppo_epochs == 1 and t.minibatches == 1 and t.grad_accum == 1 and not b.steps_inside_backward
         self.loss_settings = LossSettings(clip_low=t.clip_low, clip_high=t.clip_high, agg=t.loss_agg,
                                           agg_norm=cfg.rollout.max_new_tokens, kl_estimator=cfg.kl.estimator,
+                                          kl_correction=cfg.kl.loss_correction,
                                           value_clip=t.value_clip, value_loss=t.value_loss, value_coef=t.value_coef)
         self.start_step, self.nonfinite_steps = 0, 0
         self.signals = StopSignals()
@@ -199,12 +214,10 @@ class PolicyTrainer:
         cfg = self.cfg
         torch.manual_seed(step_seed(cfg.seed, step, self.backend.process_index))
         beta = self.kl_ctl.value
-        prompts = self.prompt_batch(step)
 
         t0 = time.perf_counter()
-        rollout, sampled = self.sample(prompts, step)                             # 1. sample
-        scored = self.score(prompts, rollout)                                     # 2. score
-        rollout = rollout._replace(scores=scored.total)
+        prompts, rollout, scored, sampled = self.sample(step)                     # 1. sample, 2. score
+        rollout, live = self.forwards(rollout._replace(scores=scored.total))      #    log-probs, values
         t_score = time.perf_counter() - t0 - sampled.t_generate
         update_stats, ev, t_update = {}, None, 0.0
         # A NaN score would make every advantage of the batch NaN (whitening and baselines mix rows): skip the step.
@@ -215,12 +228,13 @@ class PolicyTrainer:
             kl_tok = self.kl_per_token(rollout, cfg.kl.estimator)
             rewards = self.shape(rollout, kl_tok, beta)                           # 3. shape
             advantages, returns, ev = self.estimate(rollout, rewards)             # 4. estimate
+            advantages = mismatch_corrected(rollout, advantages, cfg.algorithm, cfg.rollout.engine)
             t1 = time.perf_counter()
-            update_stats = self.update(rollout, advantages, returns, beta, step, live=sampled.live)  # 5. update
+            update_stats = self.update(rollout, advantages, returns, beta, step, live=live)  # 5. update
             t_update = time.perf_counter() - t1
             if update_stats["policy/skipped_updates"] > 0:
                 self._count_nonfinite(step, "a non-finite loss or gradient")
-        metrics = self.log_step(step, rollout, scored, beta, update_stats, ev)   # 6. log
+        metrics = self.log_step(step, rollout, scored, beta, update_stats, ev, sampled.drawn)  # 6. log
         self.kl_ctl.update(metrics["kl"], cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt)
         add_timings(metrics, cfg.rollout, sampled.t_generate, sampled.t_sync, t_score, t_update,
                     time.perf_counter() - t0)
@@ -230,63 +244,79 @@ class PolicyTrainer:
                                                       cfg.rollout.samples_per_prompt))
         return metrics
 
-    # ------------------------------------------------------------------ 1. sample
-    def prompt_batch(self, step: int) -> list[str]:
-        """This process's prompts for ``step``: a seeded permutation per pass over the data, split by rank."""
-        rows = prompt_rows(len(self.prompts), self.cfg.rollout.prompts_per_step, step, self.cfg.seed,
+    # ------------------------------------------------------------------ 1. sample, 2. score
+    def prompt_batch(self, step: int, round_: int = 0) -> list[str]:
+        """This process's prompts for ``step``: a seeded permutation per pass over the data, split by rank. Dynamic
+        sampling's extra round ``round_`` draws from another permutation."""
+        rows = prompt_rows(len(self.prompts), self.cfg.rollout.prompts_per_step, step, self.cfg.seed + 7919 * round_,
                            self.backend.process_index, self.backend.num_processes)
         return [self.prompts[i] for i in rows.tolist()]
 
-    def sampling_keys(self, step: int, rows: int) -> torch.Tensor:
+    def sampling_keys(self, step: int, rows: int, round_: int = 0) -> torch.Tensor:
         """``(rows, 2)`` counter-sampling keys of this process's rows at ``step``: keyed by each row's index in the
-        global batch (rank r holds rows ``r * rows .. (r + 1) * rows - 1``), so the samples do not depend on the
-        number of processes."""
-        return row_keys(self.cfg.seed, step, self.backend.process_index * rows + torch.arange(rows))
+        global batch (rank r holds rows ``r * rows .. (r + 1) * rows - 1``; round k of dynamic sampling continues
+        after k global batches), so the samples do not depend on the number of processes."""
+        first = (round_ * self.backend.num_processes + self.backend.process_index) * rows
+        return row_keys(self.cfg.seed, step, first + torch.arange(rows))
 
-    def sample(self, prompts: list[str], step: int) -> tuple[Rollout, Sampled]:
-        """Generate K responses per prompt, then the forwards over them: policy log-probs and entropy, critic
-        values, reference log-probs. Fused (one epoch, one minibatch): the policy/critic forward keeps its graph
-        and is handed on as ``Sampled.live`` for the update."""
+    def sample(self, step: int) -> tuple[list[str], Rollout, Scored, Sampled]:
+        """Generate K responses per prompt of this process and score them (rollout without forwards yet). With
+        rollout.max_resample_rounds (DAPO's dynamic sampling), more rounds of fresh prompts until every process has
+        enough groups whose scores differ (rlhf.rollout.dynamic.fill_groups)."""
+        r, b = self.cfg.rollout, self.backend
+        k, target = r.samples_per_prompt, r.prompts_per_step // b.num_processes
+        prompts, parts, scores, flags, t_generate, t_sync = [], [], [], [], 0.0, 0.0
+        for round_ in range(1 + r.max_resample_rounds):
+            batch = self.prompt_batch(step, round_)
+            ro, t_g, t_s = self.generate(batch, step, round_)
+            prompts, t_generate, t_sync = prompts + batch, t_generate + t_g, t_sync + t_s
+            parts.append(ro)
+            scores.append(self.score(batch, ro))
+            if r.max_resample_rounds == 0:
+                break
+            flags.append(informative_groups(scores[-1].total, k))
+            if round_ == r.max_resample_rounds or not b.any(int(sum(f.sum() for f in flags)) < target):
+                break
+        ro, scored, drawn = concat_rollouts(parts, self.models.tokenizer.pad_token_id), concat_scored(scores), None
+        if flags:
+            groups, fillers = fill_groups(flags, target)
+            rows = (groups[:, None] * k + torch.arange(k)).flatten()
+            ro, scored, prompts = select_rows(ro, rows), select_scored(scored, rows), [prompts[g] for g in groups]
+            drawn = dynamic_counts(flags, fillers, k, b)
+        return prompts, ro, scored, Sampled(t_generate, t_sync, drawn)
+
+    def generate(self, prompts: list[str], step: int, round_: int) -> tuple[Rollout, float, float]:
+        """K responses per prompt: a rollout of ids, masks and the sampler's log-probs; generate and sync seconds."""
         r, dev = self.cfg.rollout, self.backend.device
         enc = self.models.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
         query_ids = enc["input_ids"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         query_mask = enc["attention_mask"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         t0 = time.perf_counter()
-        keys = self.sampling_keys(step, query_ids.shape[0])
+        keys = self.sampling_keys(step, query_ids.shape[0], round_)
         self.engine.sync_weights(self.backend.unwrap(self.policy))
         t_sync = time.perf_counter() - t0
         response_ids, response_mask, sampler_logprobs = self.engine.generate(query_ids, query_mask, self.spec, keys)
-        t_generate = time.perf_counter() - t0
-        args = (query_ids, query_mask, response_ids, response_mask)
-        live = None
-        if self.fused:
-            with self.backend.autocast():
-                live_logp, entropy = policy_logprobs(self.policy, *args, spec=self.spec,
-                                                     chunk_size=r.logprob_chunk_size, with_entropy=True)
-                live_values = response_values(self.critic, *args) if self.critic is not None else None
-            live = Live(live_logp, live_values)
-            logprobs = live_logp.detach()
-            values = live_values.detach() if live_values is not None else None
-        with torch.no_grad(), self.backend.autocast():
-            if not self.fused:
-                logprobs, entropy = policy_logprobs(self.policy, *args, spec=self.spec,
-                                                    chunk_size=r.logprob_chunk_size, with_entropy=True)
-                values = response_values(self.critic, *args) if self.critic is not None else None
-            ref_logprobs = None
-            if self.models.reference is not None:
-                ref_logprobs = reference_logprobs(self.models.reference, *args, spec=self.spec,
-                                                  chunk_size=r.logprob_chunk_size)
-        empty = torch.zeros(query_ids.shape[0], device=dev)
-        ro = Rollout(*args, logprobs, ref_logprobs, values, empty, entropy, sampler_logprobs)
-        return ro, Sampled(t_generate, t_sync, live)
+        # The forwards (log-probs, values, entropy) come after scoring, on the rows that make the batch.
+        scores = torch.zeros(query_ids.shape[0], device=dev)
+        ro = Rollout(query_ids, query_mask, response_ids, response_mask, None, None, None, scores, None,
+                     sampler_logprobs)
+        return ro, time.perf_counter() - t0, t_sync
 
-    # ------------------------------------------------------------------ 2. score
+    def forwards(self, ro: Rollout) -> tuple[Rollout, Live | None]:
+        """The forwards over the rollout (rlhf.rollout.forward.rollout_forwards); fused, the policy/critic forward
+        keeps its graph and is handed on as ``Live`` for the update."""
+        ro, live = rollout_forwards(ro, self.policy, self.critic, self.models.reference, self.spec,
+                                    self.cfg.rollout.logprob_chunk_size, self.fused, self.backend.autocast)
+        return ro, (Live(*live) if live is not None else None)
+
     def score(self, prompts: list[str], ro: Rollout) -> Scored:
-        """The reward sources' weighted total ``(N,)``, each source's score, the gold score (or None) and the
-        decoded completions (rlhf.rewards.sources.RewardSources.score)."""
-        k = self.cfg.rollout.samples_per_prompt
-        return self.rewards.score([p for p in prompts for _ in range(k)], ro.query_ids, ro.query_mask,
-                                  ro.response_ids, ro.response_mask, autocast=self.backend.autocast)
+        """The reward sources' weighted total ``(N,)`` (+ DAPO's overlong penalty), each source's score, the gold
+        score (or None) and the decoded completions (rlhf.rewards.sources.RewardSources.score)."""
+        k, r = self.cfg.rollout.samples_per_prompt, self.cfg.rollout
+        scored = self.rewards.score([p for p in prompts for _ in range(k)], ro.query_ids, ro.query_mask,
+                                    ro.response_ids, ro.response_mask, autocast=self.backend.autocast)
+        return add_overlong_penalty(scored, ro.response_mask, r.max_new_tokens, self.overlong_buffer,
+                                    self.cfg.reward.overlong_factor)
 
     # ------------------------------------------------------------------ 3. shape
     def kl_per_token(self, ro: Rollout, estimator: str) -> torch.Tensor:
@@ -401,17 +431,19 @@ class PolicyTrainer:
         check_nonfinite_budget(step, what, self.nonfinite_steps, self.cfg.trainer.max_nonfinite_steps)
 
     # ------------------------------------------------------------------ 6. log
-    def log_step(self, step: int, ro: Rollout, scored: Scored, beta: float, update_stats: dict, ev) -> dict:
+    def log_step(self, step: int, ro: Rollout, scored: Scored, beta: float, update_stats: dict, ev,
+                 drawn: dict | None) -> dict:
         """The step's metric line (rlhf.trainers.policy_metrics.step_metrics): ``kl`` is always k1; each reward
-        source's mean score as ``score/<name>``."""
+        source's mean score as ``score/<name>``; the sampler mismatch; dynamic sampling's counts."""
         kl_seq = self.kl_per_token(ro, "k1").sum(-1) if ro.ref_logprobs is not None else None
         by_source = {f"score/{name}": v for name, v in scored.by_source.items()}
-        token_means, ratio_max = mismatch_metrics(ro)  # the engine's log-probs of its samples against the trainer's
+        # the engine's log-probs of its samples against the trainer's
+        token_means, ratio_max = mismatch_metrics(ro, self.cfg.algorithm.is_correction, self.cfg.algorithm.is_cap)
         metrics = step_metrics(self.backend, step, ro, kl_seq, scored.gold, beta, update_stats, ev,
                                self.scheduler.get_last_lr()[0], extra_means=by_source, extra_token_means=token_means)
         if ratio_max is not None:
             metrics["mismatch/ratio_max"] = self.backend.max(ratio_max).item()
-        return metrics
+        return {**metrics, **(drawn or {})}
 
     # ------------------------------------------------------------------ 7. checkpoint
     def save(self, step: int) -> str | None:

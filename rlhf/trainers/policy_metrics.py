@@ -8,6 +8,7 @@ import warnings
 import torch
 from omegaconf import OmegaConf
 
+from rlhf.core.correction import mismatch_weights
 from rlhf.core.kl import sampler_mismatch
 from rlhf.core.losses import masked_mean
 from rlhf.rollout.batch import Rollout
@@ -113,13 +114,38 @@ def progress_bar(cfg, is_main: bool, start_step: int):
     return tqdm(total=cfg.trainer.max_steps, initial=start_step, desc="rlhf", dynamic_ncols=True)
 
 
-def mismatch_metrics(ro: Rollout) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
-    """``mismatch/kl_k1``, ``kl_k3`` and ``ratio_mean`` as (sum, token count) pairs, and this process's largest
-    ratio, from the engine's own log-probs of its samples against the trainer's (rlhf.core.kl.sampler_mismatch);
-    ``({}, None)`` when the engine returned none."""
+def mismatch_metrics(ro: Rollout, correction: str, cap: float
+                     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """``mismatch/kl_k1``, ``kl_k3``, ``ratio_mean`` and ``share_above_cap`` (tokens whose ratio exceeds ``cap``,
+    algorithm.is_cap) as (sum, token count) pairs, and this process's largest ratio, from the engine's own log-probs
+    of its samples against the trainer's (rlhf.core.kl.sampler_mismatch); with a ``correction``
+    (algorithm.is_correction) also its ``mismatch/is_weight_mean`` and ``mismatch/is_share_corrected`` (tokens
+    truncated or dropped). ``({}, None)`` when the engine returned none."""
     if ro.sampler_logprobs is None:
         return {}, None
     m = sampler_mismatch(ro.logprobs, ro.sampler_logprobs, ro.response_mask)
     tokens = ro.response_mask.sum()
-    return ({"mismatch/kl_k1": (m["k1"].sum(), tokens), "mismatch/kl_k3": (m["k3"].sum(), tokens),
-             "mismatch/ratio_mean": (m["ratio"].sum(), tokens)}, m["ratio"].max())
+    above = ((m["ratio"] > cap) & ro.response_mask.bool()).sum()
+    out = {"mismatch/kl_k1": (m["k1"].sum(), tokens), "mismatch/kl_k3": (m["k3"].sum(), tokens),
+           "mismatch/ratio_mean": (m["ratio"].sum(), tokens), "mismatch/share_above_cap": (above, tokens)}
+    if correction != "none":
+        w, stats = mismatch_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask, correction, cap)
+        out["mismatch/is_weight_mean"] = (w.sum(), tokens)
+        out["mismatch/is_share_corrected"] = (stats["share_corrected"] * tokens, tokens)
+    return out, m["ratio"].max()
+
+
+def dynamic_counts(flags: list[torch.Tensor], fillers: int, group_size: int, backend) -> dict[str, float]:
+    """Dynamic sampling's cost, over all processes: ``dynamic/rounds`` (the most any process sampled),
+    ``dynamic/generations`` (responses generated), ``dynamic/uninformative_first`` (the share of the first round's
+    groups whose scores were all equal: what the step would have wasted without it), ``dynamic/dropped_groups``
+    (uninformative groups left out) and ``dynamic/filler_groups`` (uninformative groups that still filled the batch
+    because the rounds ran out)."""
+    sampled = sum(f.numel() for f in flags)
+    uninformative = sum(int((~f).sum()) for f in flags)
+    local = torch.tensor([sampled * group_size, float((~flags[0]).sum()), flags[0].numel(), uninformative - fillers,
+                          fillers], dtype=torch.float32, device=backend.device)
+    total = backend.sum(local).tolist()
+    rounds = backend.max(torch.tensor(float(len(flags)), device=backend.device)).item()
+    return {"dynamic/rounds": rounds, "dynamic/generations": total[0], "dynamic/uninformative_first": total[1] / total[2],
+            "dynamic/dropped_groups": total[3], "dynamic/filler_groups": total[4]}

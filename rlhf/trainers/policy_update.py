@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from rlhf.core.correction import mismatch_weights
 from rlhf.core.objectives import aggregation_mode
 from rlhf.rollout.sampling import minibatch_rows
 
@@ -91,3 +92,19 @@ def check_nonfinite_budget(step: int, what: str, skipped: int, limit: int) -> No
         raise TrainingError(f"trainer.max_nonfinite_steps: {skipped} steps skipped for NaN/inf (last: step {step}, "
                             f"{what}); lower trainer.lr, set trainer.max_grad_norm, check the reward model and "
                             "functions, or raise trainer.max_nonfinite_steps")
+
+
+def mismatch_corrected(ro, advantages: torch.Tensor, algorithm_cfg, engine: str) -> torch.Tensor:
+    """``(N, R)`` advantages times the mismatch weights of algorithm.is_correction (rlhf.core.correction) from the
+    rollout's trainer and sampler log-probs: for the PPO family, the same as weighting each token's policy loss.
+    Unchanged with is_correction=none."""
+    from rlhf.runtime.errors import TrainingError
+
+    a = algorithm_cfg
+    if a.is_correction == "none":
+        return advantages
+    if ro.sampler_logprobs is None:
+        raise TrainingError(f"algorithm.is_correction={a.is_correction} needs the engine's own log-probs, and "
+                            f"rollout.engine={engine} returned none")
+    w, _ = mismatch_weights(ro.logprobs, ro.sampler_logprobs, ro.response_mask, a.is_correction, a.is_cap)
+    return advantages * w.to(advantages.dtype)
