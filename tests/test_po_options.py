@@ -104,7 +104,7 @@ def _expected_grad(theta, old, ref, estimator, correct):
     logp = theta.log_softmax(-1)
     total = 0.0
     for x in range(theta.numel()):
-        row = lambda v: v[x].reshape(1, 1)  # noqa: E731
+        row = lambda v, x=x: v[x].reshape(1, 1)  # noqa: E731
         loss = kl_loss(row(logp), row(ref), torch.ones(1, 1), estimator, "token-mean",
                        old_logp=row(old) if correct else None)
         total = total + old[x].exp() * loss

@@ -12,6 +12,7 @@ vLLM's CPU attention needs a head size of at least 32, so these tests use builti
 
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -211,14 +212,16 @@ def test_the_keyword_call_before_sampling_spec_still_works(engine_and_policy):
 @needs_vllm
 @pytest.mark.slow
 def test_trainer_with_the_vllm_engine(tmp_path):
-    """Three RLOO steps through scripts/train_policy.py with rollout.engine=vllm. Step 0's KL is exactly 0: the
-    trainer scores vLLM's tokens with the policy and the reference, which are equal before the first update. (That
-    the synced weights are the updated ones is test_weight_sync_makes_vllm_decode_like_the_policy.)"""
+    """Three RLOO steps through scripts/train_policy.py with rollout.engine=vllm and truncated importance sampling
+    against vLLM's own log-probs. Step 0's KL is exactly 0: the trainer scores vLLM's tokens with the policy and the
+    reference, which are equal before the first update. (That the synced weights are the updated ones is
+    test_weight_sync_makes_vllm_decode_like_the_policy.)"""
     from tests.conftest import FAST, run_script
 
     run = tmp_path / "run"
     proc = run_script(["scripts/train_policy.py", *FAST, "rollout.engine=vllm", "rollout.vllm.enforce_eager=true",
-                       "model.policy=builtin:w1", "algorithm=rloo", "trainer.max_steps=3", f"hydra.run.dir={run}"],
+                       "model.policy=builtin:w1", "algorithm=rloo", "algorithm.is_correction=tis", "trainer.max_steps=3",
+                       f"hydra.run.dir={run}"],
                       timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The engine is shut down before the process group, so nothing fails at exit either.
@@ -228,6 +231,10 @@ def test_trainer_with_the_vllm_engine(tmp_path):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert rows[2]["kl"] > 0
     assert all(0 < r["time/weight_sync_s"] < r["time/generate_s"] for r in rows)
+    # vLLM's log-probs of its samples against the trainer's: logged, finite, and turned into weights near 1
+    for r in rows:
+        assert r["mismatch/kl_k3"] >= 0 and math.isfinite(r["mismatch/kl_k1"])
+        assert 0.5 < r["mismatch/is_weight_mean"] <= 2.0 and 0 <= r["mismatch/share_above_cap"] <= 1
 
 
 @needs_vllm
