@@ -73,6 +73,7 @@ class DataConfig:
     split: str = MISSING
     num_prompts: int | None = MISSING
     max_prompt_length: int = MISSING
+    options: dict[str, Any] = MISSING  # a built-in task's options; each task checks its own keys
 
 
 @dataclass

@@ -23,9 +23,14 @@ import datasets
 import pyarrow.parquet
 import torch
 
-from rlhf.tasks import sentiment
+from rlhf.tasks import arithmetic, countdown, sentiment, wordcount
 
-BUILTIN_TASKS = {"sentiment": sentiment.make_split}
+BUILTIN_TASKS = {
+    "sentiment": sentiment.make_split,
+    "arithmetic": arithmetic.make_split,
+    "countdown": countdown.make_split,
+    "wordcount": wordcount.make_split,
+}
 BUILTIN_SIZES = {"train": 2048, "test": 256}
 """Rows generated for a built-in source when ``n`` is None."""
 
@@ -168,10 +173,25 @@ def _normalize(table: datasets.Dataset, mapping: dict[str, str]) -> datasets.Dat
 
 
 def load_prompts(
-    source: str, column: str = "prompt", split: str = "train", n: int | None = None, seed: int = 0
+    source: str,
+    column: str = "prompt",
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    options: dict | None = None,
 ) -> list[str]:
-    """The prompts of ``source`` as a list of ``n`` (or all) non-empty strings."""
-    table = load_table(source, "prompts", split, n, seed)
+    """The prompts of ``source`` as a list of ``n`` (or all) non-empty strings.
+
+    ``options`` (``data.options``) go to a built-in task's generator (e.g. ``digits`` for
+    ``builtin:arithmetic``); any other source takes none.
+    """
+    options = dict(options or {})
+    if options and not source.startswith("builtin:"):
+        raise DataError(
+            f"data.options: only a built-in task takes options, {source!r} is not one; "
+            f"got {', '.join(sorted(options))}"
+        )
+    table = load_table(source, "prompts", split, n, seed, **options)
     _require_columns(table, source, [column])
     _check_strings(table, source, column)
     return list(table[column])

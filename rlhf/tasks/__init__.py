@@ -4,6 +4,10 @@ from __future__ import annotations
 
 BUILTIN_TASKS: dict[str, dict[str, str]] = {
     "sentiment": {"function": "rlhf.tasks.sentiment.reward_fn", "gold": "rlhf.tasks.sentiment.gold_fn"},
+    # verifiable tasks (rlhf.tasks.verifiable): the reward adds a 0.1 format bonus, the gold is the accuracy
+    "arithmetic": {"function": "rlhf.tasks.arithmetic.reward_fn", "gold": "rlhf.tasks.arithmetic.correct_fn"},
+    "countdown": {"function": "rlhf.tasks.countdown.reward_fn", "gold": "rlhf.tasks.countdown.correct_fn"},
+    "wordcount": {"function": "rlhf.tasks.wordcount.reward_fn", "gold": "rlhf.tasks.wordcount.correct_fn"},
 }
 """Task name (``data.prompts=builtin:<name>``) -> the dotted paths that ``reward.function=auto`` and
 ``reward.gold=auto`` resolve to."""

@@ -66,10 +66,13 @@ def context_length(spec: str) -> int | None:
 
 
 def load_prompts(cfg: DictConfig) -> list[str]:
+    from omegaconf import OmegaConf
+
     from rlhf.data import load_prompts as load
 
     d = cfg.data
-    return load(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed)
+    options = OmegaConf.to_container(d.options) if d.get("options") is not None else None
+    return load(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed, options=options)
 
 
 def check_prompt_lengths(cfg: DictConfig, prompts: list[str], tok) -> None:
