@@ -74,6 +74,8 @@ class DataConfig:
     num_prompts: int | None = MISSING
     max_prompt_length: int = MISSING
     options: dict[str, Any] = MISSING  # a built-in task's options; each task checks its own keys
+    chat_template: Any = MISSING  # auto | true | false (rlhf.chat.chat_mode checks it)
+    system_prompt: str | None = MISSING
 
 
 @dataclass
@@ -186,6 +188,18 @@ class TrainerConfig:
 
 
 @dataclass
+class PolicyEvalConfig:  # eval: held-out evaluation in the loop (rlhf.trainers.policy_eval)
+    every: int = MISSING
+    prompts: str | None = MISSING
+    split: str = MISSING
+    num_prompts: int | None = MISSING
+    samples: int = MISSING
+    temperature: float | None = MISSING
+    max_new_tokens: int | None = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class LoggingConfig:
     tensorboard: bool = MISSING
     wandb: bool = MISSING
@@ -204,6 +218,7 @@ class PolicyConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: PolicyEvalConfig = field(default_factory=PolicyEvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -341,6 +356,7 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
     _check_kl(cfg.kl)
     _check_algorithm(cfg, value_lr_set)
     _check_trainer(cfg.trainer, cfg.rollout, world_size)
+    _check_eval(cfg.eval)
     _check_models_and_rewards(cfg)
     line = pretrained_defaults_line(cfg, filled)
     if line is not None and int(os.environ.get("RANK", "0")) == 0:
@@ -452,6 +468,15 @@ def _check_trainer(t: DictConfig, r: DictConfig, world_size: int) -> None:
     _check(t.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")
     _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas), "trainer.adam_betas",
            "must be two numbers in [0, 1)")
+
+
+def _check_eval(e: DictConfig) -> None:
+    _check(e.every >= 0, "eval.every", "must be >= 0")
+    _check(e.samples >= 0, "eval.samples", "must be >= 0 (0 = greedy only)")
+    _check(e.num_prompts is None or e.num_prompts > 0, "eval.num_prompts", "must be > 0 or null")
+    _check(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(e.temperature is None or e.temperature > 0, "eval.temperature", "must be > 0 or null")
+    _check(e.max_new_tokens is None or e.max_new_tokens > 0, "eval.max_new_tokens", "must be > 0 or null")
 
 
 def _check_models_and_rewards(cfg: DictConfig) -> None:

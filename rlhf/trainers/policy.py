@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
+from rlhf.chat import add_special_tokens_for, chat_enabled, format_prompts
 from rlhf.core.advantages import ADVANTAGE_ESTIMATORS
 from rlhf.core.kl import build_kl_controller, per_token_kl, shape_rewards
 from rlhf.core.losses import masked_whiten
@@ -55,6 +56,7 @@ from rlhf.runtime.errors import TrainingError, TrainingInterrupted
 from rlhf.runtime.runlock import lock_run_dir
 from rlhf.runtime.signals import StopSignals
 from rlhf.trainers import policy_setup as setup
+from rlhf.trainers.policy_eval import HeldOut
 from rlhf.trainers.policy_metrics import (
     add_timings,
     dynamic_counts,
@@ -123,7 +125,11 @@ class PolicyTrainer:
         self.resume_from = setup.resolve_resume(t.resume, self.ckpt_root, b)
         tokenizer = setup.load_policy_tokenizer(cfg)
         self.prompts = setup.load_prompts(cfg)
-        setup.check_prompt_lengths(cfg, self.prompts, tokenizer)
+        # The policy reads each prompt as its chat template renders it (data.chat_template); rewards get it plain.
+        self.chat = chat_enabled(tokenizer, cfg.data.chat_template)
+        self.rendered = dict(zip(self.prompts, format_prompts(tokenizer, self.prompts, self.chat,
+                                                              cfg.data.system_prompt)))
+        setup.check_prompt_lengths(cfg, list(self.rendered.values()), tokenizer, add_special_tokens_for(self.chat))
         self.models, self.rewards = setup.load_models(cfg, tokenizer, self.resume_from, b.zero_stage)
         self.policy_loss_fn = POLICY_LOSSES.get(cfg.algorithm.policy_loss)
         self.estimator = ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage)
@@ -157,6 +163,7 @@ class PolicyTrainer:
         if self.resume_from:
             self.start_step, self.nonfinite_steps = load_state(
                 self.resume_from, self._load_optimizer_state, self.scheduler, self.kl_ctl)
+        self.held_out = HeldOut(cfg, tokenizer, self.chat, self.spec, b) if cfg.eval.every else None
         self.logger = open_logger(cfg, self.run_dir, self.backend.is_main, self.start_step, self.ckpt_root)
 
     # ------------------------------------------------------------------ the loop
@@ -215,6 +222,12 @@ class PolicyTrainer:
         torch.manual_seed(step_seed(cfg.seed, step, self.backend.process_index))
         beta = self.kl_ctl.value
 
+        every = cfg.eval.every  # held-out evaluation of the policy this step starts from
+        due = self.held_out is not None and (step % every == 0 or step == cfg.trainer.max_steps - 1)
+        t0 = time.perf_counter()
+        evaluated = self.held_out.run(self.backend.unwrap(self.policy)) if due else {}
+        if due:
+            evaluated["time/eval_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         prompts, rollout, scored, sampled = self.sample(step)                     # 1. sample, 2. score
         rollout, live = self.forwards(rollout._replace(scores=scored.total))      #    log-probs, values
@@ -239,6 +252,7 @@ class PolicyTrainer:
         add_timings(metrics, cfg.rollout, sampled.t_generate, sampled.t_sync, t_score, t_update,
                     time.perf_counter() - t0)
         metrics["nonfinite_steps"] = self.nonfinite_steps
+        metrics.update(evaluated)
         if cfg.trainer.sample_every and step % cfg.trainer.sample_every == 0 and self.backend.is_main:
             self.logger.log_samples(step, sample_rows(prompts, scored.completions, rollout.scores,
                                                       cfg.rollout.samples_per_prompt))
@@ -288,7 +302,8 @@ class PolicyTrainer:
     def generate(self, prompts: list[str], step: int, round_: int) -> tuple[Rollout, float, float]:
         """K responses per prompt: a rollout of ids, masks and the sampler's log-probs; generate and sync seconds."""
         r, dev = self.cfg.rollout, self.backend.device
-        enc = self.models.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        enc = self.models.tokenizer([self.rendered[p] for p in prompts], return_tensors="pt", padding=True,
+                                    padding_side="left", add_special_tokens=add_special_tokens_for(self.chat))
         query_ids = enc["input_ids"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         query_mask = enc["attention_mask"].repeat_interleave(r.samples_per_prompt, 0).to(dev)
         t0 = time.perf_counter()
@@ -313,7 +328,11 @@ class PolicyTrainer:
         """The reward sources' weighted total ``(N,)`` (+ DAPO's overlong penalty), each source's score, the gold
         score (or None) and the decoded completions (rlhf.rewards.sources.RewardSources.score)."""
         k, r = self.cfg.rollout.samples_per_prompt, self.cfg.rollout
-        scored = self.rewards.score([p for p in prompts for _ in range(k)], ro.query_ids, ro.query_mask,
+        q_ids, q_mask = ro.query_ids, ro.query_mask
+        if self.chat:  # a reward model that shares the policy's tokenizer reads the plain prompt's ids
+            enc = self.models.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+            q_ids, q_mask = (enc[key].repeat_interleave(k, 0).to(q_ids.device) for key in ("input_ids", "attention_mask"))
+        scored = self.rewards.score([p for p in prompts for _ in range(k)], q_ids, q_mask,
                                     ro.response_ids, ro.response_mask, autocast=self.backend.autocast)
         return add_overlong_penalty(scored, ro.response_mask, r.max_new_tokens, self.overlong_buffer,
                                     self.cfg.reward.overlong_factor)

@@ -75,7 +75,7 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     return load(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed, options=options)
 
 
-def check_prompt_lengths(cfg: DictConfig, prompts: list[str], tok) -> None:
+def check_prompt_lengths(cfg: DictConfig, prompts: list[str], tok, add_special_tokens: bool = True) -> None:
     """Prompts longer than data.max_prompt_length are refused, not truncated (a cut prompt is silently another
     task), and the longest allowed prompt plus the response must fit the policy's context."""
     from rlhf.data import DataError
@@ -86,7 +86,7 @@ def check_prompt_lengths(cfg: DictConfig, prompts: list[str], tok) -> None:
     if ctx is not None and limit + new_tokens > ctx:
         raise ConfigError(f"data.max_prompt_length: {limit} + rollout.max_new_tokens {new_tokens} exceeds the "
                           f"policy's context of {ctx} tokens; lower one of them")
-    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     for i, n in enumerate(lengths):
         if n > limit:
             raise DataError(f"data.max_prompt_length: prompt {i} (0-based) of {d.prompts!r} has {n} tokens > "
