@@ -6,7 +6,7 @@ Runs the script exactly as ``python scripts/train_policy.py <overrides>`` would 
 ``__main__``), after wrapping ONE method so that the process sends itself SIGKILL: no handler, ``finally`` or
 ``atexit`` runs, as when the kernel's OOM killer or a scheduler ends a job. The phases:
 
-    generate    step RLHF_KILL_STEP (0-based): right after ``PolicyTrainer.sample`` has generated the rollout
+    generate    step RLHF_KILL_STEP (0-based): right after ``PolicyTrainer.sample`` has generated and scored the rollout
     update      step RLHF_KILL_STEP: right after the first optimizer step of its update (weights moved in memory)
     checkpoint  the save of ``step_<RLHF_KILL_STEP>``: after ``write_fn`` has written the weights and trainer state
                 into ``step_<N>.tmp`` but before the COMPLETE marker, so the half-written ``.tmp`` folder stays
@@ -44,8 +44,8 @@ def install(phase: str, step: int) -> None:
         sample = PolicyTrainer.sample
 
         @functools.wraps(sample)
-        def sample_then_die(self, prompts, at, *args, **kwargs):
-            out = sample(self, prompts, at, *args, **kwargs)
+        def sample_then_die(self, at, *args, **kwargs):
+            out = sample(self, at, *args, **kwargs)
             if at == step:
                 _die()
             return out

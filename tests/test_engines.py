@@ -92,7 +92,8 @@ def test_vllm_refuses_min_p_with_top_k_or_top_p(policy_cfg):
 
 
 def test_engine_options_from_the_run_config(policy_cfg):
-    assert engine_options(policy_cfg()) == {}
+    assert engine_options(policy_cfg()) == {"dtype": None}  # hf, rollout.hf.dtype=auto: the policy module itself
+    assert engine_options(policy_cfg("rollout.hf.dtype=bfloat16")) == {"dtype": torch.bfloat16}
     cfg = policy_cfg()  # engine_options reads the config only; vllm need not be installed to build the options
     cfg.rollout.engine = "vllm"
     cfg.trainer.mixed_precision = "bf16"
