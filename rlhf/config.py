@@ -42,6 +42,15 @@ PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5}
 # it stands: None where it means "unset" (AlgorithmConfig), the items of a list (RewardSourceConfig), and the three
 # TrainerConfig fields that code building a TrainerConfig without YAML reads (make_accelerator).
 @dataclass
+class LoraSettings:  # model.lora (rlhf.lora); r null = full fine-tuning
+    r: int | None = MISSING
+    alpha: float | None = MISSING
+    dropout: float = MISSING
+    target_modules: Any = MISSING  # "all-linear" or a list of module names
+    modules_to_save: list[str] | None = MISSING
+
+
+@dataclass
 class ModelConfig:
     policy: str = MISSING
     tokenizer: str | None = MISSING  # null = the policy's own
@@ -49,6 +58,7 @@ class ModelConfig:
     reward_tokenizer: str | None = MISSING
     value: str | None = MISSING
     dtype: str = MISSING
+    lora: LoraSettings | None = MISSING
 
 
 @dataclass
@@ -358,6 +368,13 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
     _check_trainer(cfg.trainer, cfg.rollout, world_size)
     _check_eval(cfg.eval)
     _check_models_and_rewards(cfg)
+    _check_lora(cfg.model, cfg.model.policy, "model.lora")
+    if cfg.model.lora is not None:
+        # Dropout would make the update's log-probs differ from the rollout's at ratio 1 (rlhf.models.disable_dropout)
+        _check(cfg.model.lora.dropout == 0, "model.lora.dropout",
+               "the policy trainer runs without dropout (rollout and update log-probs must agree); set 0")
+        _check(cfg.rollout.engine == "hf", "rollout.engine",
+               f"{cfg.rollout.engine} syncs whole weights and does not take LoRA adapters yet; use hf with model.lora")
     line = pretrained_defaults_line(cfg, filled)
     if line is not None and int(os.environ.get("RANK", "0")) == 0:
         log.info(line)
@@ -541,6 +558,17 @@ def _check_declarations(cfg: DictConfig, info, value_lr_set: bool) -> None:
                "remove it")
 
 
+def _check_lora(m: DictConfig, spec: str, key: str, score: bool = False) -> None:
+    """``model.lora``: a null rank means full fine-tuning and becomes ``model.lora: null``; a set one is checked
+    against the model ``spec`` (rlhf.lora.check_lora_config: peft installed, rank > 0, module names exist)."""
+    from rlhf.lora import check_lora_config, lora_enabled
+
+    if not lora_enabled(m.lora):
+        m.lora = None
+        return
+    check_lora_config(m.lora, spec, key, score)
+
+
 def _check_tokenizer_pairing(model_spec: str, tok_spec: str | None, tok_key: str, model_key: str) -> None:
     """A word-level built-in tokenizer drives only a random-init built-in model, which is built with that tokenizer's
     vocabulary; beside a pretrained model it would turn every prompt into ``<unk>`` and the model's output into the
@@ -579,6 +607,7 @@ class StageModelConfig:
     init: str = MISSING
     tokenizer: str | None = MISSING
     dtype: str = MISSING
+    lora: LoraSettings | None = MISSING
 
 
 @dataclass
@@ -745,6 +774,7 @@ def validate_sft_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     """
     cfg = _typed(cfg, SFTConfig)
     _check_stage_model(cfg.model)
+    _check_lora(cfg.model, cfg.model.init, "model.lora")
     resolve_stage_defaults(cfg, "sft")
     _check_supervised_trainer(cfg.trainer, world_size)
     _check_stage_data(cfg.data)
@@ -760,6 +790,7 @@ def validate_reward_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     cfg = _typed(cfg, RewardTrainingConfig)
     _check_choice(cfg.objective, "objective", REWARD_OBJECTIVES)
     _check_stage_model(cfg.model)
+    _check_lora(cfg.model, cfg.model.init, "model.lora", score=True)
     resolve_stage_defaults(cfg, "reward")
     _check_supervised_trainer(cfg.trainer, world_size)
     _check_stage_data(cfg.data)

@@ -239,8 +239,13 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
     """Policy (and reference) model, ``(batch, seq) -> logits (batch, seq, vocab)``.
 
     Built-in models are initialised with ``torch.manual_seed(seed)`` so the reference can be rebuilt identically.
+    A LoRA adapter folder (rlhf.lora) loads as its base with the adapters merged in.
     """
     spec = resolve_spec(spec)
+    if _is_adapter_folder(spec):
+        from rlhf.lora import load_merged
+
+        return load_merged(spec, tokenizer, dtype)
     if is_builtin(spec):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -256,8 +261,13 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
 
 def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", seed: int = 0,
                      key: str = "model.reward") -> PreTrainedModel:
-    """Reward or value model: an ``AutoModelForSequenceClassification`` with exactly one label."""
+    """Reward or value model: an ``AutoModelForSequenceClassification`` with exactly one label (a LoRA adapter folder
+    of one: merged into its base)."""
     spec = resolve_spec(spec)
+    if _is_adapter_folder(spec):
+        from rlhf.lora import load_merged
+
+        return load_merged(spec, tokenizer, dtype, score=True)
     if is_builtin(spec):
         with torch.random.fork_rng():
             torch.manual_seed(seed + 1)
@@ -275,6 +285,12 @@ def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str =
     return disable_dropout(model)
 
 
+def _is_adapter_folder(spec: str) -> bool:
+    from rlhf.lora import is_adapter_folder
+
+    return is_adapter_folder(spec)
+
+
 def value_model_from_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A critic that shares the policy's initial backbone weights, with a zero-initialised scalar head.
 
@@ -289,10 +305,11 @@ def value_model_from_policy(policy: PreTrainedModel, tokenizer: PreTrainedTokeni
     return disable_dropout(value)
 
 
-def score_head(model: PreTrainedModel) -> nn.Linear:
+def score_head(model: PreTrainedModel) -> nn.Module:
+    """The scalar head: an ``nn.Linear``, or under LoRA peft's wrapper that trains a copy of it in full."""
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
+        if isinstance(head, nn.Linear) or isinstance(getattr(head, "original_module", None), nn.Linear):
             return head
     raise ModelSpecError(f"{type(model).__name__} has no linear score head (looked for score/classifier/v_head)")
 
@@ -306,8 +323,13 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-position scalar head output of a sequence-classification model.
 
-    input_ids, attention_mask: ``(batch, seq)``. Returns ``(batch, seq)`` float32.
+    input_ids, attention_mask: ``(batch, seq)``. Returns ``(batch, seq)`` float32. ``model`` may be a peft model
+    (LoRA): its adapters take part.
     """
+    from rlhf.lora import is_peft_model
+
+    if is_peft_model(model):
+        model = model.get_base_model()  # the transformers model, its layers carrying the adapters
     backbone = model.base_model
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from rlhf.config import ConfigError
+from rlhf.lora import AdapterDisabled
 from rlhf.models import (
     BUILTIN_ARCHS,
     BUILTIN_PREFIX,
@@ -105,12 +106,18 @@ def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int |
                 ) -> tuple[Models, RewardSources]:
     """Policy, frozen reference (when a KL is measured), the reward sources (reward models on the CPU until the
     trainer places them), critic (PPO). ``Models.reward`` / ``reward_tokenizer`` are the ``model.reward``
-    shorthand's."""
+    shorthand's. With ``model.lora`` the policy is the base wrapped in LoRA adapters (from the checkpoint when
+    resuming) and the reference is the same module with its adapters disabled: one copy of the base weights."""
     m = cfg.model
-    policy_spec = os.path.join(resume_from, "policy") if resume_from else m.policy
+    lora = m.get("lora") is not None
+    if lora and zero_stage == 3:
+        raise ConfigError("model.lora: ZeRO-3 partitions the base weights that the reference view shares with the "
+                          "policy; use ZeRO-2, FSDP2 or DDP with LoRA")
+    policy_spec = os.path.join(resume_from, "policy") if resume_from and not lora else m.policy
     policy = load_causal_lm(policy_spec, tok, m.dtype, seed=cfg.seed)
+    needs_reference = cfg.kl.beta > 0 or cfg.kl.log_at_zero_beta or cfg.kl.controller == "adaptive"
     reference = None
-    if cfg.kl.beta > 0 or cfg.kl.log_at_zero_beta or cfg.kl.controller == "adaptive":
+    if needs_reference and not lora:
         # The reference is the starting policy, also when the policy itself comes from a checkpoint. Under
         # ZeRO-3 transformers builds models already partitioned (zero.Init), and those cannot be deep-copied.
         copyable = not resume_from and zero_stage != 3
@@ -120,10 +127,24 @@ def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int |
     reward, reward_tok = rewards.reward_model()
     value = None
     if cfg.algorithm.critic:
+        # Before the adapters go on: a critic from the policy copies the plain base (a model of its own, see README)
         value = load_critic(cfg, tok, policy, reward, reward_tok, resume_from)
         value.train()
+    if lora:
+        policy = lora_policy(cfg, policy, resume_from)
+        reference = AdapterDisabled(policy) if needs_reference else None
     policy.train()
     return Models(policy, reference, reward, value, tok, reward_tok), rewards
+
+
+def lora_policy(cfg: DictConfig, base, resume_from: str | None):
+    """``base`` (the model ``model.policy`` names) in LoRA adapters: fresh ones (B = 0: the policy starts as the
+    base), or the checkpoint's when resuming. Only the adapters (and model.lora.modules_to_save) train."""
+    from rlhf.lora import add_lora, load_adapter
+
+    if resume_from:
+        return load_adapter(base, os.path.join(resume_from, "policy"), True, cfg.model.policy, cfg.seed)
+    return add_lora(base, cfg.model.lora, cfg.model.policy, cfg.seed)
 
 
 def load_critic(cfg: DictConfig, tok, policy, reward, reward_tok, resume_from: str | None):

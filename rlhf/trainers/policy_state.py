@@ -1,9 +1,12 @@
 """Step 7 of the policy loop, checkpoint: what a checkpoint of the policy trainer holds, and loading it back.
 
-    checkpoints/step_<N>/policy/         the policy (AutoModelForCausalLM.from_pretrained) and its tokenizer
+    checkpoints/step_<N>/policy/         the policy (AutoModelForCausalLM.from_pretrained) and its tokenizer; with
+                                         model.lora its adapters instead (rlhf.lora's adapter folder), which
+                                         scripts/export.py merges into a plain model
     checkpoints/step_<N>/value/          PPO's critic (a 1-label AutoModelForSequenceClassification)
-    checkpoints/step_<N>/trainer_state.pt  step, AdamW state (by index, or by name under FSDP2), LR schedule,
-                                         KL controller, the count of skipped updates, the resolved config
+    checkpoints/step_<N>/trainer_state.pt  step, AdamW state of the trained parameters only (by index, or by name
+                                         under FSDP2), LR schedule, KL controller, the count of skipped updates,
+                                         the resolved config
 
 Writing is atomic (rlhf.runtime.checkpoint.save_checkpoint); the trainer calls it with ``writer(...)``'s function.
 """
@@ -16,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from rlhf.lora import save_model
 from rlhf.runtime.checkpoint import CheckpointError, CheckpointWriteError, load_trainer_state, save_checkpoint
 
 
@@ -24,7 +28,7 @@ def checkpoint_writer(policy, policy_weights: dict, tokenizer, critic, critic_we
     """The function that fills a checkpoint folder: policy + tokenizer, critic, trainer state."""
 
     def write(folder: str) -> None:
-        policy.save_pretrained(os.path.join(folder, "policy"), state_dict=policy_weights)
+        save_model(policy, os.path.join(folder, "policy"), state_dict=policy_weights)
         tokenizer.save_pretrained(os.path.join(folder, "policy"))
         if critic is not None:
             critic.save_pretrained(os.path.join(folder, "value"), state_dict=critic_weights)

@@ -40,7 +40,17 @@ from rlhf.core.losses import binary_cross_entropy_with_logits, huber, mae, mse
 from rlhf.core.objectives import bradley_terry_loss, preference_accuracy
 from rlhf.models import sequence_scores
 from rlhf.runtime.backend import DistributedBackend
-from rlhf.trainers.sft import FINAL_DIR, Batch, fit, num_rows, run_stage, save_final, strided_rows, take
+from rlhf.trainers.sft import (
+    FINAL_DIR,
+    Batch,
+    fit,
+    num_rows,
+    run_stage,
+    save_trained,
+    strided_rows,
+    take,
+    with_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,12 +280,21 @@ def load_reward_init(spec: str, tokenizer, dtype: str = "float32", seed: int = 0
     """The reward model to train, ``(batch, seq) -> (batch,)`` scores through ``sequence_scores``.
 
     ``spec`` is a built-in architecture, a one-label sequence-classification folder (trained further), or a causal
-    LM (an SFT ``final/`` folder, a hub id): its backbone gets a new one-label score head.
+    LM (an SFT ``final/`` or ``adapter/`` folder, a hub id): its backbone gets a new one-label score head.
     """
-    from rlhf.models import DTYPES, disable_dropout, is_builtin, load_score_model
+    from rlhf.lora import is_adapter_folder, read_base_info
+    from rlhf.models import DTYPES, disable_dropout, is_builtin, load_causal_lm, load_score_model
 
     if is_builtin(spec):
         return load_score_model(spec, tokenizer, dtype, seed=seed, key="model.init")
+    if is_adapter_folder(spec) and read_base_info(spec)["head"] == "causal_lm":
+        lm = load_causal_lm(spec, tokenizer, dtype)  # an SFT stage's adapters, merged into their base
+        with torch.random.fork_rng():
+            torch.manual_seed(seed + 1)
+            model = AutoModelForSequenceClassification.from_config(lm.config, num_labels=1).to(lm.dtype)
+        model.base_model.load_state_dict(lm.base_model.state_dict())
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return disable_dropout(model)
     path = os.path.expanduser(spec)
     architectures = AutoConfig.from_pretrained(path).architectures or []
     if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -334,6 +353,7 @@ def _train_reward(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     reference = builtin_eval_reference(eval_rows, d.temperature) if builtin_pairs and eval_rows is not None \
         else None
     model = load_reward_init(cfg.model.init, tokenizer, cfg.model.dtype, seed=cfg.seed)  # 2. model
+    model = with_lora(model, cfg.model, cfg.seed, score=True)  # the score head trains in full (modules_to_save)
     model.train()
     scorer = SequenceScorer(model)
 
@@ -345,7 +365,7 @@ def _train_reward(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, scorer, train, batch_loss, evaluate,                        # 3. train
-                  lambda m: save_final(m.model, tokenizer, folder))
+                  lambda m: save_trained(m.model, tokenizer, cfg.run_dir))
     if backend.is_main:
         log.info(reward_summary(cfg.objective, history, folder))
     return history

@@ -9,6 +9,7 @@ One SFT run, as data:
     update                    -> AdamW, clipped gradient norm, warmup + decay schedule
     evaluate                  -> token-weighted loss and perplexity on the held-out split
     save                      -> <run_dir>/final: save_pretrained + tokenizer, loadable by AutoModelForCausalLM
+                                 (with model.lora: the adapters merged in, and <run_dir>/adapter the adapters alone)
 
 ``fit`` is the loop. The reward trainer (``rlhf.trainers.reward``) runs the same loop with its own loss and
 evaluation, so the two stages share batching, optimisation, logging and saving.
@@ -50,6 +51,9 @@ that the gradient DDP averages, and the logged means, are those of the mean over
 
 FINAL_DIR = "final"
 """Sub-folder of the run folder that holds the trained model and its tokenizer."""
+
+ADAPTER_DIR = "adapter"
+"""Sub-folder that holds a LoRA run's adapters and tokenizer (rlhf.lora's adapter folder); final/ holds them merged."""
 
 
 # ---------------------------------------------------------------------- batching
@@ -202,16 +206,38 @@ def save_final(model, tokenizer, folder: str) -> str:
 
     A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
     """
+    from rlhf.lora import save_model
+
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_model(model, tmp)
     tokenizer.save_pretrained(tmp)
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+def save_trained(model, tokenizer, run_dir: str) -> str:
+    """The end of an SFT or reward stage: ``<run_dir>/final`` (returned), and with LoRA first ``<run_dir>/adapter``
+    (the adapters alone), then final/ as the merged model, which loads without peft."""
+    from rlhf.lora import is_peft_model, merged
+
+    if is_peft_model(model):
+        save_final(model, tokenizer, os.path.join(run_dir, ADAPTER_DIR))
+        model = merged(model)
+    return save_final(model, tokenizer, os.path.join(run_dir, FINAL_DIR))
+
+
+def with_lora(model, m: DictConfig, seed: int, score: bool = False):
+    """``model`` (loaded from ``m.init``) in fresh LoRA adapters when ``m.lora`` is set, else unchanged."""
+    if m.get("lora") is None:
+        return model
+    from rlhf.lora import add_lora
+
+    return add_lora(model, m.lora, m.init, seed, score)
 
 
 # ---------------------------------------------------------------------- the loop
@@ -350,6 +376,7 @@ def _train_sft(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     held_out = tokenize_sft(eval_rows, tokenizer, d.max_length, d.completion_only, d.add_eos) \
         if eval_rows is not None else None
     model = load_causal_lm(cfg.model.init, tokenizer, cfg.model.dtype, seed=cfg.seed)  # 2. model
+    model = with_lora(model, cfg.model, cfg.seed)
     model.train()
 
     def evaluate(module: nn.Module) -> dict[str, float]:
@@ -357,7 +384,7 @@ def _train_sft(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, model, train, sft_batch_loss, evaluate,                     # 3. train
-                  lambda m: save_final(m, tokenizer, folder), derive=sft_train_metrics)
+                  lambda m: save_trained(m, tokenizer, cfg.run_dir), derive=sft_train_metrics)
     if backend.is_main:
         log.info(sft_summary(history, folder))
     return history
