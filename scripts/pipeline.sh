@@ -11,6 +11,9 @@
 #
 #   bash scripts/pipeline.sh                      # into runs/pipeline
 #   bash scripts/pipeline.sh /tmp/p kl.beta=0.1   # another folder; extra arguments go to the policy stage
+#   LORA_R=16 bash scripts/pipeline.sh /tmp/p     # every stage trains rank-16 LoRA adapters (needs peft); the SFT
+#                                                 # stage hands on final/, its merged model, or with
+#   LORA_R=16 HANDOFF=adapter bash ...            # adapter/, its adapters (merged into their base when loaded)
 set -euo pipefail
 
 OUT=${1:-runs/pipeline}
@@ -19,12 +22,18 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute, so the model folders resolve whatever the working directory
 cd "$(dirname "$0")/.."
 
+lora=()
+if [[ -n ${LORA_R:-} ]]; then lora=(model.lora.r="$LORA_R"); fi
+HANDOFF=${HANDOFF:-final}
+case $HANDOFF in final|adapter) ;; *) echo "HANDOFF=$HANDOFF: final or adapter" >&2; exit 2 ;; esac
+if [[ $HANDOFF == adapter && -z ${LORA_R:-} ]]; then echo "HANDOFF=adapter needs LORA_R" >&2; exit 2; fi
+
 SECONDS=0
-python scripts/train_sft.py hydra.run.dir="$OUT/sft" logging.progress=false
+python scripts/train_sft.py hydra.run.dir="$OUT/sft" logging.progress=false "${lora[@]}"
 echo "sft: ${SECONDS} s"
 
 SECONDS=0
-python scripts/train_reward.py hydra.run.dir="$OUT/reward" logging.progress=false
+python scripts/train_reward.py hydra.run.dir="$OUT/reward" logging.progress=false "${lora[@]}"
 echo "reward model: ${SECONDS} s"
 
 # The policy and its tokenizer are the SFT model's; the reward model shares that tokenizer, so scoring reuses the
@@ -37,8 +46,8 @@ for arg in "$@"; do
 done
 SECONDS=0
 python scripts/train_policy.py hydra.run.dir="$OUT/policy" logging.progress=false \
-  model.policy="$OUT/sft/final" model.reward="$OUT/reward/final" \
-  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn trainer.lr=1e-3 "${critic_lr[@]}" \
+  model.policy="$OUT/sft/$HANDOFF" model.reward="$OUT/reward/final" \
+  reward.function=null reward.gold=rlhf.tasks.sentiment.gold_fn trainer.lr=1e-3 "${critic_lr[@]}" "${lora[@]}" \
   "$@"
 echo "policy: ${SECONDS} s"
 

@@ -245,3 +245,35 @@ def test_reward_with_lora_trains_the_score_head_in_full(tmp_path):
     from_adapter = load_score_model(str(tmp_path / "reward" / "adapter"), tok)
     mask = torch.ones_like(IDS)
     torch.testing.assert_close(sequence_scores(from_adapter, IDS, mask), sequence_scores(trained, IDS, mask))
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+# tests/test_distributed.py's 4-step trajectory with LoRA: 1 process at batch 8 against 2 gloo DDP processes at
+# batch 4, each in 2 accumulated micro-batches; a checkpoint after step 2.
+LORA_TRAJECTORY = [*FAST, *LORA, "trainer.ppo_epochs=2", "trainer.max_steps=4", "trainer.save_every=2",
+                   "trainer.keep_last=5", "trainer.sample_every=0", "trainer.warmup_steps=0"]
+
+
+@pytest.mark.slow
+def test_lora_two_ddp_processes_follow_the_one_process_trajectory_and_resume_either_way(tmp_path):
+    """DDP reduces the adapters' gradients only (the base is frozen on every process); the 2-process run follows the
+    1-process one within test_distributed's tolerance, and each run's step-2 adapter checkpoint resumed with the
+    other process count continues the same trajectory."""
+    from tests.test_distributed import (
+        _assert_same_trajectory,
+        _copy_checkpoint,
+        _train_one_process,
+        _train_two_processes,
+    )
+
+    one = _train_one_process(tmp_path / "one", *LORA_TRAJECTORY)
+    two = _train_two_processes(tmp_path / "two", *LORA_TRAJECTORY, "trainer.grad_accum=2")
+    assert one[0]["kl"] == 0.0 and two[0]["kl"] == 0.0
+    assert one[-1]["kl"] != pytest.approx(0.0, abs=1e-6)  # the adapters moved: the comparison is not trivial
+    _assert_same_trajectory(one, two)
+    _copy_checkpoint(tmp_path / "two", tmp_path / "two_to_one", 2)
+    _assert_same_trajectory(one[2:], _train_one_process(tmp_path / "two_to_one", *LORA_TRAJECTORY,
+                                                        "trainer.resume=auto"))
+    _copy_checkpoint(tmp_path / "one", tmp_path / "one_to_two", 2)
+    _assert_same_trajectory(one[2:], _train_two_processes(tmp_path / "one_to_two", *LORA_TRAJECTORY,
+                                                          "trainer.resume=auto", "trainer.grad_accum=2"))
