@@ -56,7 +56,8 @@ def lora_alpha(lora: Any) -> float:
 
 
 def is_peft_model(model: nn.Module | None) -> bool:
-    return model is not None and type(model).__module__.startswith("peft.")
+    """A peft model, also once FSDP2 has swapped its class for an FSDP subclass (without importing peft)."""
+    return model is not None and any(c.__module__.startswith("peft.") for c in type(model).__mro__)
 
 
 def is_adapter_folder(spec: str | None) -> bool:

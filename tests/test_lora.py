@@ -277,3 +277,28 @@ def test_lora_two_ddp_processes_follow_the_one_process_trajectory_and_resume_eit
     _copy_checkpoint(tmp_path / "one", tmp_path / "one_to_two", 2)
     _assert_same_trajectory(one[2:], _train_two_processes(tmp_path / "one_to_two", *LORA_TRAJECTORY,
                                                           "trainer.resume=auto", "trainer.grad_accum=2"))
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp2_follows_the_one_process_trajectory_and_resumes_with_one_process(tmp_path):
+    """Two FSDP2 gloo processes (tests/fsdp2_worker.py) shard the frozen base and the adapters alike: the same
+    trajectory as one plain process, and its step-2 adapter checkpoint (AdamW state by name, adapters only) resumed by
+    one plain process continues it. Decoding runs through peft's inner model, never the FSDP root's forward
+    (rlhf.runtime.distributed.gathered_for_generation initialises the root first)."""
+    from tests.test_distributed import (
+        _assert_same_trajectory,
+        _copy_checkpoint,
+        _train_fsdp2,
+        _train_one_process,
+    )
+
+    one = _train_one_process(tmp_path / "one", *LORA_TRAJECTORY)
+    two = _train_fsdp2(tmp_path / "fsdp2", *LORA_TRAJECTORY, "trainer.grad_accum=2")
+    assert one[-1]["kl"] != pytest.approx(0.0, abs=1e-6)
+    _assert_same_trajectory(one, two)
+    state = torch.load(tmp_path / "fsdp2" / "checkpoints" / "step_2" / "trainer_state.pt", weights_only=False)
+    assert len(state["optimizer"]["by_name"]["state"]) == 28 and all(
+        ".lora_A." in k or ".lora_B." in k for k in state["optimizer"]["by_name"]["state"])
+    _copy_checkpoint(tmp_path / "fsdp2", tmp_path / "fsdp2_to_one", 2)
+    _assert_same_trajectory(one[2:], _train_one_process(tmp_path / "fsdp2_to_one", *LORA_TRAJECTORY,
+                                                        "trainer.resume=auto"))

@@ -26,6 +26,9 @@ def gathered_for_generation(model: torch.nn.Module, reshard_after_forward: bool 
         yield
         return
     root = units[0]  # modules() lists the model itself first; accelerate shards it as the root unit
+    # A peft policy decodes through its inner transformers model, never calling the root's forward: initialise the
+    # root first, or the first unit decoding reaches would make itself the root (idempotent otherwise).
+    root._get_fsdp_state()._lazy_init()
     root.set_reshard_after_forward(False)
     for unit in units:
         unit.unshard()
