@@ -76,15 +76,16 @@ def test_chat_template_true_without_a_template_and_system_prompt_without_chat_ar
 
 
 def test_eval_every_logs_held_out_metrics_of_the_policy_each_step_starts_from(policy_cfg):
-    """eval.every=2 over 4 steps: eval/* in the lines of steps 0 and 2 and of the last step (3). Step 0's numbers are
-    the initial policy's: the same as evaluating a freshly built trainer's policy directly."""
+    """eval.every=2 over 4 steps: eval/* in the lines of steps 0 and 2 and in a line of its own at step 4, the final
+    policy. Step 0's numbers are the initial policy's: the same as evaluating a freshly built trainer's policy."""
     from rlhf.trainers.policy import PolicyTrainer
 
     over = ("eval.every=2", "eval.num_prompts=6", "eval.samples=2", "trainer.max_steps=4")
     fresh = PolicyTrainer(policy_cfg(*over))
     expected = fresh.held_out.run(fresh.backend.unwrap(fresh.policy))
     hist = PolicyTrainer(policy_cfg(*over)).train()
-    assert [m["step"] for m in hist if "eval/accuracy" in m] == [0, 2, 3]
+    assert [m["step"] for m in hist if "eval/accuracy" in m] == [0, 2, 4]
+    assert [m["step"] for m in hist] == [0, 1, 2, 3, 4] and "score" not in hist[-1]
     assert {k: hist[0][k] for k in expected} == expected
     assert set(expected) >= {"eval/accuracy", "eval/reward", "eval/gold", "eval/pass@1", "eval/pass@2",
                              "eval/length", "eval/sample_reward"}
@@ -105,20 +106,25 @@ def test_eval_on_a_file_source_needs_eval_prompts(policy_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_scripts_evaluate_reproduces_the_in_loop_numbers(policy_cfg, tmp_path):
-    """The trainer's step-0 evaluation and scripts/evaluate.py on the same initial model, prompts and settings give
-    the same metrics: one evaluation code path (rlhf.analysis.evaluate)."""
+    """The trainer's evaluations of the initial policy (step 0) and of the trained one (step 2) and scripts/evaluate.py
+    on the initial model and on checkpoints/step_2, with the same prompts and settings, give the same metrics: one
+    evaluation code path (rlhf.analysis.evaluate), and eval/* at step N is checkpoint step_N's."""
     from rlhf.trainers.policy import PolicyTrainer
     from tests.conftest import run_script
 
-    trainer = PolicyTrainer(policy_cfg("eval.every=1", "eval.num_prompts=8", "eval.samples=2", "trainer.max_steps=1"))
-    in_loop = trainer.held_out.run(trainer.backend.unwrap(trainer.policy))
-    out = tmp_path / "eval.json"
-    # the trainer's test-split prompts and sampling: rollout.max_new_tokens=6 (FAST) and temperature 1
-    proc = run_script(["scripts/evaluate.py", "data.num_prompts=8", "eval.samples=2", "eval.max_new_tokens=6",
-                       "eval.batch_size=16", "eval.progress=false", f"eval.output={out}",
-                       f"hydra.run.dir={tmp_path / 'ev'}"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    metrics = json.loads(out.read_text())["metrics"]
-    for key, value in in_loop.items():
-        assert metrics[key.removeprefix("eval/")] == pytest.approx(value, abs=1e-9), key
-    assert torch.isfinite(torch.tensor(list(in_loop.values()))).all()
+    run_dir = tmp_path / "run"  # policy_cfg's
+    hist = PolicyTrainer(policy_cfg("eval.every=2", "eval.num_prompts=8", "eval.samples=2", "trainer.max_steps=2",
+                                    "trainer.lr=3e-3")).train()
+    in_loop = {m["step"]: {k: v for k, v in m.items() if k.startswith("eval/")} for m in hist if "eval/gold" in m}
+    assert sorted(in_loop) == [0, 2] and in_loop[0] != in_loop[2]  # the update changed the policy's completions
+    for step, policy in ((0, "builtin:tiny"), (2, run_dir / "checkpoints" / "step_2")):
+        out = tmp_path / f"eval_{step}.json"
+        # the trainer's test-split prompts and sampling: rollout.max_new_tokens=6 (FAST) and temperature 1
+        proc = run_script(["scripts/evaluate.py", f"model.policy={policy}", "data.num_prompts=8", "eval.samples=2",
+                           "eval.max_new_tokens=6", "eval.batch_size=16", "eval.progress=false", f"eval.output={out}",
+                           f"hydra.run.dir={tmp_path / f'ev{step}'}"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        metrics = json.loads(out.read_text())["metrics"]
+        for key, value in in_loop[step].items():
+            assert metrics[key.removeprefix("eval/")] == pytest.approx(value, abs=1e-9), (step, key)
+        assert torch.isfinite(torch.tensor(list(in_loop[step].values()))).all()

@@ -196,6 +196,8 @@ class PolicyTrainer:
                 self._after_step(step)
             if self.start_step < t.max_steps:  # a run resumed at its last step has nothing new
                 self.save(t.max_steps)
+                if self.held_out is not None:  # the final policy, as checkpoints/step_<max_steps> holds it
+                    history.append(self._evaluate_final(t.max_steps))
         finally:
             if bar is not None:
                 bar.close()
@@ -204,6 +206,15 @@ class PolicyTrainer:
             self.signals.restore()
             self.run_lock.release()
         return history
+
+    def _evaluate_final(self, steps: int) -> dict:
+        """Held-out metrics of the trained policy, logged as a line of their own at step ``steps``: eval/* at step N
+        is always the policy after N updates, the one checkpoints/step_N holds."""
+        t0 = time.perf_counter()
+        metrics = {"step": steps, **self.held_out.run(self.backend.unwrap(self.policy))}
+        metrics["time/eval_s"] = time.perf_counter() - t0
+        self.logger.log(metrics)
+        return metrics
 
     def _after_step(self, step: int) -> None:
         """Checkpoint every trainer.save_every steps, and stop (with a checkpoint) when a signal asked for it."""
@@ -222,8 +233,8 @@ class PolicyTrainer:
         torch.manual_seed(step_seed(cfg.seed, step, self.backend.process_index))
         beta = self.kl_ctl.value
 
-        every = cfg.eval.every  # held-out evaluation of the policy this step starts from
-        due = self.held_out is not None and (step % every == 0 or step == cfg.trainer.max_steps - 1)
+        every = cfg.eval.every  # held-out evaluation of the policy this step starts from (= checkpoint step_<step>)
+        due = self.held_out is not None and step % every == 0
         t0 = time.perf_counter()
         evaluated = self.held_out.run(self.backend.unwrap(self.policy)) if due else {}
         if due:
