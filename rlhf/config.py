@@ -34,6 +34,21 @@ AUTO = "auto"
 # models (2e-5 / 1e-5).
 RANDOM_INIT_LR = {"policy": 1e-3, "value": 1e-3, "sft": 3e-3, "reward": 1e-3}
 PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5}
+# LoRA adapters of a pretrained model (model.lora) learn at about 10x the full-weight rate (Schulman et al. 2025,
+# "LoRA without regret"; 2e-4 is the usual LoRA SFT rate): B starts at zero and alpha / r scales the update, so at
+# 1e-6 an RL run barely moves. A random-init model's rates are already high and stay as they are; the critic, a full
+# model, keeps its rate.
+LORA_LR_SCALE = 10.0
+
+
+def default_lr(random_init: bool, which: str, lora: Any) -> float:
+    """The learning rate a null ``trainer.lr`` (``which`` "policy", "sft", "reward") or ``trainer.value_lr``
+    ("value") gets: RANDOM_INIT_LR or PRETRAINED_LR, the latter times LORA_LR_SCALE for LoRA adapters."""
+    from rlhf.lora import lora_enabled
+
+    if random_init:
+        return RANDOM_INIT_LR[which]
+    return PRETRAINED_LR[which] * (LORA_LR_SCALE if which != "value" and lora_enabled(lora) else 1.0)
 
 
 # The dataclasses below are schemas only: a field's type, and MISSING where a value would go. Every default lives in
@@ -304,7 +319,8 @@ def resolve_policy_defaults(cfg: DictConfig, multirun_sets_beta: bool = False) -
     filled field, to be reported.
 
     - ``trainer.lr`` / ``trainer.value_lr`` null: RANDOM_INIT_LR for a random-init built-in policy
-      (``builtin:tiny``, ...), PRETRAINED_LR for anything else (a folder, a hub id, ``builtin:smollm2``).
+      (``builtin:tiny``, ...), PRETRAINED_LR for anything else (a folder, a hub id, ``builtin:smollm2``), the policy's
+      times LORA_LR_SCALE with ``model.lora`` (:func:`default_lr`).
     - ``reward.function`` / ``reward.gold`` ``auto``: the built-in task's functions when ``data.prompts`` is
       ``builtin:<task>`` (rlhf.tasks.BUILTIN_TASKS), else null: a user's prompts never get the built-in scorer.
     - ``kl.log_at_zero_beta`` null: true in a Hydra multirun that sets ``kl.beta`` (its beta = 0 job is the
@@ -314,12 +330,12 @@ def resolve_policy_defaults(cfg: DictConfig, multirun_sets_beta: bool = False) -
     from rlhf.tasks import builtin_task
 
     filled = []
-    rates = RANDOM_INIT_LR if is_random_init(cfg.model.policy) else PRETRAINED_LR
+    random_init = is_random_init(cfg.model.policy)
     for key, which in (("lr", "policy"), ("value_lr", "value")):
         if cfg.trainer[key] is None:
-            cfg.trainer[key] = rates[which]
+            cfg.trainer[key] = default_lr(random_init, which, cfg.model.get("lora"))
             if which == "policy" or cfg.algorithm.critic:  # a critic-free run never uses value_lr
-                filled.append(f"trainer.{key}={rates[which]:g}")
+                filled.append(f"trainer.{key}={cfg.trainer[key]:g}")
     task = builtin_task(cfg.data.prompts)
     for key in ("function", "gold"):
         if cfg.reward[key] == AUTO:
@@ -715,12 +731,13 @@ def _check_stage_model(m: DictConfig) -> None:
 
 def resolve_stage_defaults(cfg: DictConfig, stage: str) -> list[str]:
     """SFT or reward stage (``stage`` "sft" / "reward"): ``trainer.lr`` null becomes RANDOM_INIT_LR[stage] for a
-    random-init built-in ``model.init``, else PRETRAINED_LR[stage]. Returns ``key=value`` for each filled field."""
+    random-init built-in ``model.init``, else PRETRAINED_LR[stage] (times LORA_LR_SCALE with ``model.lora``).
+    Returns ``key=value`` for each filled field."""
     from rlhf.models import is_random_init
 
     if cfg.trainer.lr is not None:
         return []
-    cfg.trainer.lr = (RANDOM_INIT_LR if is_random_init(cfg.model.init) else PRETRAINED_LR)[stage]
+    cfg.trainer.lr = default_lr(is_random_init(cfg.model.init), stage, cfg.model.get("lora"))
     filled = [f"trainer.lr={cfg.trainer.lr:g}"]
     if not is_random_init(cfg.model.init) and int(os.environ.get("RANK", "0")) == 0:
         log.info("model.init %s is pretrained; defaults in use: %s (set any of them to override)", cfg.model.init,

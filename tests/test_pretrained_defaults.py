@@ -175,6 +175,19 @@ def test_learning_rates_follow_the_policy(user_model, tmp_path):
     sft = validate_sft_config(compose_config("sft", [f"model.init={user_model}"], run_dir=str(tmp_path)))
     rm = validate_reward_config(compose_config("reward", [f"model.init={user_model}"], run_dir=str(tmp_path)))
     assert (sft.trainer.lr, rm.trainer.lr) == (2e-5, 1e-5)
+    # LoRA adapters of a pretrained model: 10x (LORA_LR_SCALE) the full-weight rate, 1e-5 / 2e-4 / 1e-4; the critic, a
+    # full model, keeps 1e-5; a random-init model's rate stays 1e-3
+    pytest.importorskip("peft")
+    lora = [f"model.policy={user_model}", "model.lora.r=4"]
+    real_lora = validate_policy_config(compose_policy([*lora, "algorithm=ppo"], run_dir=str(tmp_path)))
+    assert (real_lora.trainer.lr, real_lora.trainer.value_lr) == (pytest.approx(1e-5), 1e-5)
+    tiny_lora = validate_policy_config(compose_policy(["model.lora.r=4"], run_dir=str(tmp_path)))
+    assert tiny_lora.trainer.lr == 1e-3
+    sft_lora = validate_sft_config(compose_config("sft", [f"model.init={user_model}", "model.lora.r=4"],
+                                                  run_dir=str(tmp_path)))
+    rm_lora = validate_reward_config(compose_config("reward", [f"model.init={user_model}", "model.lora.r=4"],
+                                                    run_dir=str(tmp_path)))
+    assert (sft_lora.trainer.lr, rm_lora.trainer.lr) == (pytest.approx(2e-4), pytest.approx(1e-4))
     sft_tiny = validate_sft_config(compose_config("sft", [], run_dir=str(tmp_path)))
     rm_tiny = validate_reward_config(compose_config("reward", [], run_dir=str(tmp_path)))
     assert (sft_tiny.trainer.lr, rm_tiny.trainer.lr) == (3e-3, 1e-3)
