@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import warnings
 from typing import Any
 
@@ -227,7 +226,7 @@ def export_merged(folder: str, out: str, dtype: str = "float32") -> str:
     """Write the merged model of the adapter folder ``folder`` (or of a checkpoint's ``policy/``) to ``out``: a plain
     transformers folder (config, weights, tokenizer) that ``from_pretrained`` loads without peft. Atomic: written to
     ``out.tmp`` and renamed. Returns ``out``."""
-    from rlhf.models import ModelSpecError, has_tokenizer_files, load_tokenizer
+    from rlhf.models import ModelSpecError, has_tokenizer_files, load_tokenizer, save_model_folder
 
     folder = os.path.expanduser(folder)
     if not is_adapter_folder(folder) and is_adapter_folder(os.path.join(folder, "policy")):
@@ -237,13 +236,7 @@ def export_merged(folder: str, out: str, dtype: str = "float32") -> str:
     info = read_base_info(folder)
     tokenizer = load_tokenizer(folder if has_tokenizer_files(folder) else info["spec"])
     model = load_merged(folder, tokenizer, dtype, score=info["head"] == "score")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return save_model_folder(model, tokenizer, out)
 
 
 class AdapterDisabled(nn.Module):

@@ -68,7 +68,6 @@ def prepare_packaged(name: str) -> str:
     folder is written to ``<name>.tmp`` and renamed, so an interrupted preparation is never mistaken for a done one.
     """
     import importlib.util
-    import shutil
 
     package, gguf_file = PACKAGED[name]
     folder = os.path.join(cache_dir(), name)
@@ -86,10 +85,18 @@ def prepare_packaged(name: str) -> str:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = folder + ".tmp"
+    return save_model_folder(model, tok, folder)
+
+
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str) -> str:
+    """``save_pretrained`` the model and tokenizer to ``<folder>.tmp``, then put it in ``folder``'s place (replacing
+    what was there), so a folder interrupted while written is never read as a whole one. Returns ``folder``."""
+    import shutil
+
+    tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder

@@ -165,6 +165,20 @@ def run_floor(folder: str, algorithm: str, steps: int, prompts_per_step: int, ne
     return {**_summary(rows), "peak_rss_gb": _rss_gb()}
 
 
+def step_timer(times: list[float]):
+    """A transformers TrainerCallback that appends each optimizer step's wall time to ``times``."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    return StepTimer()
+
+
 def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> dict:
     """TRL's RLOOTrainer on the same models, prompts and batch (optional; ``pip install 'rlhf[bench]'``).
 
@@ -180,7 +194,6 @@ def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> 
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        TrainerCallback,
     )
     from trl import RLOOConfig, RLOOTrainer
 
@@ -195,18 +208,11 @@ def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> 
         bf16=False, seed=0, disable_tqdm=True)
     times: list[float] = []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-
     trainer = RLOOTrainer(
         model=AutoModelForCausalLM.from_pretrained(f"{folder}/policy"),
         reward_funcs=AutoModelForSequenceClassification.from_pretrained(f"{folder}/reward"),
         args=args, train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), processing_class=tok,
-        reward_processing_classes=tok, callbacks=[StepTimer()])
+        reward_processing_classes=tok, callbacks=[step_timer(times)])
     trainer.train()
     return {"trl_version": trl.__version__, "step_s": statistics.median(times[2:] or times), "steps": len(times),
             "peak_rss_gb": _rss_gb()}
@@ -311,7 +317,7 @@ def r0_trl(steps: int, precision: str) -> dict:
     except ImportError:
         return {"error": "trl is not installed: pip install 'rlhf[bench]'"}
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer
 
     from rlhf.config import import_function
@@ -331,17 +337,10 @@ def r0_trl(steps: int, precision: str) -> dict:
         report_to="none", save_strategy="no", use_cpu=True, bf16=precision == "bf16", seed=0, disable_tqdm=True)
     times: list[float] = []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t0)
-
     trainer = RLOOTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder), reward_funcs=reward, args=args,
         train_dataset=datasets.Dataset.from_dict({"prompt": r0_prompts()}),
-        processing_class=AutoTokenizer.from_pretrained(folder, padding_side="left"), callbacks=[StepTimer()])
+        processing_class=AutoTokenizer.from_pretrained(folder, padding_side="left"), callbacks=[step_timer(times)])
     trainer.train()
     return {"trl_version": trl.__version__, "step_s": statistics.median(times[2:] or times), "steps": len(times),
             "peak_rss_gb": _rss_gb()}
