@@ -191,10 +191,25 @@ def load_prompts(
             f"data.options: only a built-in task takes options, {source!r} is not one; "
             f"got {', '.join(sorted(options))}"
         )
+    if options and source.removeprefix("builtin:") in BUILTIN_TASKS:
+        _check_builtin_options(source, options)
     table = load_table(source, "prompts", split, n, seed, **options)
     _require_columns(table, source, [column])
     _check_strings(table, source, column)
     return list(table[column])
+
+
+def _check_builtin_options(source: str, options: dict) -> None:
+    """A built-in task whose prompt generator takes no options of its own (the sentiment task's) refuses any,
+    naming them; a task with options checks their names and values itself (rlhf.tasks.verifiable.check_options)."""
+    import inspect
+
+    module = {"sentiment": sentiment, "arithmetic": arithmetic, "countdown": countdown,
+              "wordcount": wordcount}[source.removeprefix("builtin:")]
+    params = inspect.signature(module.make_prompts).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise DataError(f"data.options: {source} takes no options; got {', '.join(sorted(options))} "
+                        "(options are for builtin:arithmetic, countdown and wordcount)")
 
 
 def load_sft(

@@ -74,6 +74,16 @@ def test_builtin_options_reach_the_generator():
     assert pairs.to_list() == sentiment.make_preferences(5, seed=2, split="train", temperature=0.3)
 
 
+def test_options_for_a_task_without_options_are_one_line_errors():
+    """builtin:sentiment's prompt generator takes no options: data.options is refused by name, not with a TypeError
+    from deep inside the generator."""
+    with pytest.raises(DataError, match=r"^data\.options: builtin:sentiment takes no options; got digits, ops \("):
+        load_prompts(BUILTIN, options={"ops": "+", "digits": 3})
+    # a task with options still takes them: one-digit problems
+    assert all(len(t) == 1 for p in load_prompts("builtin:arithmetic", n=5, options={"digits": 1})
+               for t in p.removeprefix("Calculate ").split(".")[0].split(" ")[::2])
+
+
 def test_builtin_errors():
     with pytest.raises(DataError, match="unknown built-in task 'nope'.*sentiment"):
         load_prompts("builtin:nope")

@@ -184,15 +184,14 @@ def load_for_best_of_n(cfg: DictConfig) -> tuple[Models, RewardSources]:
 def run_best_of_n(cfg: DictConfig, num_prompts: int, n_max: int, max_rows: int = 1024) -> list[dict]:
     """Best-of-n rows (``BON_COLUMNS``) for n = 1, 2, 4, ..., ``n_max`` on the first ``num_prompts`` prompts of a
     validated policy config, sampling with its rollout settings and seeded by ``cfg.seed``."""
-    from rlhf.data import load_prompts
+    from rlhf.trainers.policy_setup import load_prompts
 
     if num_prompts < 2:
         raise ValueError(f"num_prompts must be >= 2 (the standard error needs two), got {num_prompts}")
     ns = powers_of_two(n_max)
     models, sources = load_for_best_of_n(cfg)
-    d, r = cfg.data, cfg.rollout
-    prompts = load_prompts(d.prompts, column=d.prompt_column, split=d.split, n=d.num_prompts, seed=cfg.seed)
-    prompts = prompts[:num_prompts]
+    r = cfg.rollout
+    prompts = load_prompts(cfg)[:num_prompts]  # the policy run's prompts, data.options included
     torch.manual_seed(cfg.seed)
     proxy, gold = [], []
     for chunk, *tensors in sample_pool(models.policy, models.tokenizer, prompts, n_max,
