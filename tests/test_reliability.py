@@ -445,7 +445,12 @@ def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path):
 
     def twice(step):
         os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)  # the first put the previous handler back: KeyboardInterrupt now
+        # Python runs a handler later, in the main thread; two signals sent before it runs are one. Wait until the
+        # first was handled (it puts the previous handler back), so the second meets that handler: KeyboardInterrupt
+        deadline = time.monotonic() + 10
+        while signal.getsignal(signal.SIGINT) is not handler and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(os.getpid(), signal.SIGINT)
         return train_step(step)
 
     trainer.train_step = twice
