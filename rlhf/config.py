@@ -32,8 +32,8 @@ AUTO = "auto"
 # model learns the built-in task only with a high rate; the same rate destroys a pretrained model in a few steps, which
 # gets the rates that TRL, OpenRLHF and veRL use for RL (1e-6; a fresh critic head needs more) and for SFT / reward
 # models (2e-5 / 1e-5).
-RANDOM_INIT_LR = {"policy": 1e-3, "value": 1e-3, "sft": 3e-3, "reward": 1e-3}
-PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5}
+RANDOM_INIT_LR = {"policy": 1e-3, "value": 1e-3, "sft": 3e-3, "reward": 1e-3, "dpo": 1e-3}
+PRETRAINED_LR = {"policy": 1e-6, "value": 1e-5, "sft": 2e-5, "reward": 1e-5, "dpo": 1e-6}
 # LoRA adapters of a pretrained model (model.lora) learn at about 10x the full-weight rate (Schulman et al. 2025,
 # "LoRA without regret"; 2e-4 is the usual LoRA SFT rate): B starts at zero and alpha / r scales the update, so at
 # 1e-6 an RL run barely moves. A random-init model's rates are already high and stay as they are; the critic, a full
@@ -716,31 +716,33 @@ REWARD_OBJECTIVES = ["pairwise", "regression", "binary"]
 SFT_FORMATS = ["prompt_completion", "text", "messages"]
 
 
-def _check_stage_model(m: DictConfig) -> None:
+def _check_stage_model(m: DictConfig, key: str = "init") -> None:
+    """``model.<key>`` (the trained model: ``init``, or ``policy`` for DPO), ``model.tokenizer`` and ``model.dtype``."""
     from rlhf.models import DTYPES, check_spec
 
     _check_choice(m.dtype, "model.dtype", list(DTYPES))
-    for key in ("init", "tokenizer"):
-        if m[key] is not None:
+    for name in (key, "tokenizer"):
+        if m[name] is not None:
             try:
-                check_spec(m[key], f"model.{key}")
+                check_spec(m[name], f"model.{name}")
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    _check_tokenizer_pairing(m.init, m.tokenizer, "model.tokenizer", "model.init")
+    _check_tokenizer_pairing(m[key], m.tokenizer, "model.tokenizer", f"model.{key}")
 
 
-def resolve_stage_defaults(cfg: DictConfig, stage: str) -> list[str]:
-    """SFT or reward stage (``stage`` "sft" / "reward"): ``trainer.lr`` null becomes RANDOM_INIT_LR[stage] for a
-    random-init built-in ``model.init``, else PRETRAINED_LR[stage] (times LORA_LR_SCALE with ``model.lora``).
-    Returns ``key=value`` for each filled field."""
+def resolve_stage_defaults(cfg: DictConfig, stage: str, key: str = "init") -> list[str]:
+    """SFT, reward or DPO stage (``stage`` "sft" / "reward" / "dpo"): ``trainer.lr`` null becomes
+    RANDOM_INIT_LR[stage] for a random-init built-in ``model.<key>``, else PRETRAINED_LR[stage] (times LORA_LR_SCALE
+    with ``model.lora``). Returns ``key=value`` for each filled field."""
     from rlhf.models import is_random_init
 
+    spec = cfg.model[key]
     if cfg.trainer.lr is not None:
         return []
-    cfg.trainer.lr = default_lr(is_random_init(cfg.model.init), stage, cfg.model.get("lora"))
+    cfg.trainer.lr = default_lr(is_random_init(spec), stage, cfg.model.get("lora"))
     filled = [f"trainer.lr={cfg.trainer.lr:g}"]
-    if not is_random_init(cfg.model.init) and int(os.environ.get("RANK", "0")) == 0:
-        log.info("model.init %s is pretrained; defaults in use: %s (set any of them to override)", cfg.model.init,
+    if not is_random_init(spec) and int(os.environ.get("RANK", "0")) == 0:
+        log.info("model.%s %s is pretrained; defaults in use: %s (set any of them to override)", key, spec,
                  ", ".join(filled))
     return filled
 
@@ -821,4 +823,70 @@ def validate_reward_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(loss.center_coef >= 0, "loss.center_coef", "must be >= 0")
     _check_choice(loss.regression, "loss.regression", ["mse", "huber"])
     _check(loss.huber_delta > 0, "loss.huber_delta", "must be > 0")
+    return cfg
+
+
+# ---------------------------------------------------------------------- direct preference optimization
+@dataclass
+class DPOModelConfig:
+    policy: str = MISSING
+    tokenizer: str | None = MISSING
+    dtype: str = MISSING
+    lora: LoraSettings | None = MISSING
+
+
+@dataclass
+class DPODataConfig:
+    source: str = MISSING
+    eval_source: str | None = MISSING
+    train_split: str = MISSING
+    eval_split: str = MISSING
+    num_train: int | None = MISSING
+    num_eval: int | None = MISSING
+    prompt_column: str = MISSING
+    chosen_column: str = MISSING
+    rejected_column: str = MISSING
+    temperature: float = MISSING
+    max_length: int = MISSING
+
+
+@dataclass
+class DPOSettings:
+    loss: str = MISSING
+    beta: float = MISSING
+    label_smoothing: float = MISSING
+    precompute_ref: bool = MISSING
+
+
+@dataclass
+class DPOConfig:
+    seed: int = MISSING
+    run_dir: str = MISSING
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    data: DPODataConfig = field(default_factory=DPODataConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+    trainer: SupervisedTrainerConfig = field(default_factory=SupervisedTrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def validate_dpo_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
+    """Type-check and value-check a composed DPO config (configs/dpo.yaml). Returns the typed config.
+
+    Raises ConfigError with a message ``"<key>: <problem>"``, before any data or model loads.
+    """
+    from rlhf.core.dpo import DPO_LOSSES
+
+    cfg = _typed(cfg, DPOConfig)
+    _check_stage_model(cfg.model, key="policy")
+    _check_lora(cfg.model, cfg.model.policy, "model.lora")
+    resolve_stage_defaults(cfg, "dpo", key="policy")
+    _check_supervised_trainer(cfg.trainer, world_size)
+    _check_stage_data(cfg.data)
+    _check(cfg.data.temperature > 0, "data.temperature", "must be > 0")
+    p = cfg.dpo
+    _check_choice(p.loss, "dpo.loss", DPO_LOSSES.names())
+    _check(p.beta > 0, "dpo.beta", f"must be > 0, got {p.beta}")
+    _check(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}")
+    _check(p.label_smoothing == 0 or p.loss == "sigmoid", "dpo.label_smoothing",
+           f"conservative DPO smooths the sigmoid loss only, not {p.loss!r}; set it to 0")
     return cfg

@@ -290,6 +290,16 @@ def load_preferences(
     return _normalize(table, mapping).add_column("margin", margins, feature=datasets.Value("float64"))
 
 
+def check_distinct_pairs(table: datasets.Dataset, source: str, chosen_column: str = "chosen",
+                         rejected_column: str = "rejected") -> None:
+    """A DataError naming the first row whose two completions are the same text (such a pair says nothing about
+    which is preferred, and its DPO margin is 0 whatever the model). ``table`` has normalized columns."""
+    for row, (chosen, rejected) in enumerate(zip(table["chosen"], table["rejected"])):
+        if chosen.strip() == rejected.strip():
+            raise DataError(f"{source!r} row {row} (0-based): columns {chosen_column!r} and {rejected_column!r} hold "
+                            f"the same text {chosen!r}; a pair needs two different completions")
+
+
 def load_scalar(
     source: str,
     text_column: str = "text",

@@ -10,18 +10,21 @@ from omegaconf import MISSING, OmegaConf
 
 from rlhf.config import (
     ConfigError,
+    DPOConfig,
     PolicyConfig,
     RewardTrainingConfig,
     SFTConfig,
     TrainerConfig,
+    validate_dpo_config,
     validate_policy_config,
     validate_reward_config,
     validate_sft_config,
 )
 from tests.conftest import CONFIGS, compose_config
 
-SCHEMAS = {"policy": PolicyConfig, "sft": SFTConfig, "reward": RewardTrainingConfig}
-VALIDATE = {"policy": validate_policy_config, "sft": validate_sft_config, "reward": validate_reward_config}
+SCHEMAS = {"policy": PolicyConfig, "sft": SFTConfig, "reward": RewardTrainingConfig, "dpo": DPOConfig}
+VALIDATE = {"policy": validate_policy_config, "sft": validate_sft_config, "reward": validate_reward_config,
+            "dpo": validate_dpo_config}
 
 # None = "unset" (AlgorithmConfig): the algorithm preset sets the hyperparameters its estimator reads, so the YAML's
 # value differs by preset, and validation either requires the field or keeps it None (test_algorithm_declarations).
@@ -33,7 +36,7 @@ def _options(group):
 
 
 # Every composition of a shipped config: each option of each group, each sweep.
-COMPOSITIONS = [("sft", []), ("reward", []), ("policy", []),
+COMPOSITIONS = [("sft", []), ("reward", []), ("dpo", []), ("policy", []),
                 *[("policy", [f"{g}={o}"]) for g in ("algorithm", "model", "data") for o in _options(g)],
                 *[("policy", [f"+sweep={o}"]) for o in _options("sweep")]]
 IDS = [" ".join([name, *over]) for name, over in COMPOSITIONS]
@@ -112,7 +115,7 @@ def test_the_schemas_defaults_are_the_few_said():
     kept = {name: sorted(k for k, v in leaves(schema_tree(cls)) if v is not MISSING) for name, cls in SCHEMAS.items()}
     assert kept == {"policy": ["algorithm.gamma", "algorithm.lam", "algorithm.std_normalize", "trainer.cpu",
                                "trainer.dist_timeout_s", "trainer.mixed_precision"],
-                    "sft": [], "reward": []}
+                    "sft": [], "reward": [], "dpo": []}
 
 
 def test_a_trainer_config_built_in_code_has_what_make_accelerator_reads():
@@ -121,7 +124,8 @@ def test_a_trainer_config_built_in_code_has_what_make_accelerator_reads():
 
 
 @pytest.mark.parametrize("name, key", [("policy", "trainer.value_coef"), ("policy", "rollout.vllm.dtype"),
-                                       ("sft", "data.max_length"), ("reward", "loss.center_coef")])
+                                       ("sft", "data.max_length"), ("reward", "loss.center_coef"),
+                                       ("dpo", "dpo.beta")])
 def test_a_key_left_out_of_the_yaml_is_missing_not_defaulted(name, key, tmp_path):
     with pytest.raises(ConfigError, match=rf"^{key}: required value is missing$"):
         VALIDATE[name](compose_config(name, [f"~{key}"], run_dir=str(tmp_path)))

@@ -130,13 +130,21 @@ class SequenceScorer(nn.Module):
         return sequence_scores(self.model, input_ids, attention_mask)
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "loss_mask")
+"""The ``(rows, k, seq_len)`` tensors of a batch that ``batch_scores`` hands to the scorer, those present."""
+
+
 def batch_scores(scorer: nn.Module, batch: Batch) -> torch.Tensor:
-    """Scores of every sequence of a batch in one forward pass: ``(batch, k, seq_len)`` ids -> ``(batch, k)``."""
+    """Scores of every sequence of a batch in one forward pass: ``(batch, k, seq_len)`` ids -> ``(batch, k)``.
+
+    The scorer is called with ``(batch * k, width)`` ``input_ids``, ``attention_mask`` and, when the batch has one,
+    ``loss_mask`` (the DPO scorer's completion tokens), as keywords."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, k, seq_len = ids.shape
     # Columns that are padding in every row change nothing but cost a forward pass.
     width = int(mask.sum(-1).max())
-    flat = scorer(ids[..., :width].reshape(rows * k, width), mask[..., :width].reshape(rows * k, width))
+    flat = scorer(**{name: batch[name][..., :width].reshape(rows * k, width) for name in SEQUENCE_KEYS
+                     if name in batch})
     return flat.view(rows, k)
 
 
@@ -172,13 +180,15 @@ def unstride(gathered: torch.Tensor, world_size: int, rows: int) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------- data
-def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_length: int) -> Batch:
+def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_length: int,
+                    completion_only: bool = False) -> Batch:
     """``(n, seq_len)`` ids and mask of ``prompt + " " + text + EOS`` (or ``text + EOS``), as the SFT and policy
-    stages tokenize them (the prompt alone, with the tokenizer's special tokens)."""
+    stages tokenize them (the prompt alone, with the tokenizer's special tokens); with ``completion_only`` also the
+    ``(n, seq_len)`` ``loss_mask`` of the text's tokens (EOS included), as ``rlhf.data.tokenize_sft`` marks them."""
     from rlhf.data import DataError, tokenize_sft
 
     table = {"prompt": prompts, "completion": texts} if prompts is not None else {"text": texts}
-    enc = tokenize_sft(datasets.Dataset.from_dict(table), tokenizer, max_length, completion_only=False)
+    enc = tokenize_sft(datasets.Dataset.from_dict(table), tokenizer, max_length, completion_only=completion_only)
     if enc["input_ids"].shape[0] != len(texts):
         raise DataError(f"{len(texts) - enc['input_ids'].shape[0]} rows have no token; check the text columns")
     lengths = enc["attention_mask"].sum(-1)
@@ -187,15 +197,18 @@ def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_
     if cut:
         warnings.warn(f"{cut} rows were cut at data.max_length={max_length}; their score is read at the cut, "
                       "not at the end of the text", stacklevel=2)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    keys = SEQUENCE_KEYS if completion_only else SEQUENCE_KEYS[:2]
+    return {name: enc[name] for name in keys}
 
 
-def encode_pairs(rows: datasets.Dataset, tokenizer, max_length: int) -> Batch:
+def encode_pairs(rows: datasets.Dataset, tokenizer, max_length: int, completion_only: bool = False) -> Batch:
     """Preference rows (``prompt``, ``chosen``, ``rejected``, optional ``margin``) -> ``input_ids``,
-    ``attention_mask`` ``(rows, 2, seq_len)`` (index 0 chosen, 1 rejected) and ``margin`` ``(rows,)`` float32."""
+    ``attention_mask`` (and with ``completion_only`` the completion tokens' ``loss_mask``) ``(rows, 2, seq_len)``
+    (index 0 chosen, 1 rejected) and ``margin`` ``(rows,)`` float32."""
     n = len(rows)
     prompts = list(rows["prompt"])
-    enc = _tokenize_texts(prompts * 2, list(rows["chosen"]) + list(rows["rejected"]), tokenizer, max_length)
+    enc = _tokenize_texts(prompts * 2, list(rows["chosen"]) + list(rows["rejected"]), tokenizer, max_length,
+                          completion_only)
     out = {name: x.view(2, n, -1).transpose(0, 1).contiguous() for name, x in enc.items()}
     if "margin" in rows.column_names:
         out["margin"] = torch.tensor(rows["margin"], dtype=torch.float32)

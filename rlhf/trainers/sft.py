@@ -231,13 +231,13 @@ def save_trained(model, tokenizer, run_dir: str) -> str:
     return save_final(model, tokenizer, os.path.join(run_dir, FINAL_DIR))
 
 
-def with_lora(model, m: DictConfig, seed: int, score: bool = False):
-    """``model`` (loaded from ``m.init``) in fresh LoRA adapters when ``m.lora`` is set, else unchanged."""
+def with_lora(model, m: DictConfig, seed: int, score: bool = False, key: str = "init"):
+    """``model`` (loaded from ``m[key]``) in fresh LoRA adapters when ``m.lora`` is set, else unchanged."""
     if m.get("lora") is None:
         return model
     from rlhf.lora import add_lora
 
-    return add_lora(model, m.lora, m.init, seed, score)
+    return add_lora(model, m.lora, m[key], seed, score)
 
 
 # ---------------------------------------------------------------------- the loop

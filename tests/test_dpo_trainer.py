@@ -1,0 +1,215 @@
+"""The DPO stage (rlhf.trainers.dpo, scripts/train_dpo.py) with the tiny built-in model: config and data errors
+before any model loads, completion log-probs against a direct computation, step-0 values that follow from
+policy == reference (h = 0), precomputed and live references giving the same steps, learning on the built-in task,
+and the saved model being the trained one."""
+
+import json
+import math
+
+import datasets
+import pytest
+import torch
+
+from rlhf.config import ConfigError, validate_dpo_config
+from rlhf.data import DataError
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.trainers.dpo import dpo_summary, sequence_logps, train_dpo
+from rlhf.trainers.reward import encode_pairs
+from tests.conftest import compose_config
+
+FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trainer.warmup_steps=0",
+        "trainer.max_steps=3", "trainer.eval_every=0", "trainer.log_every=1", "logging.progress=false",
+        "logging.tensorboard=false"]
+
+
+def dpo_cfg(tmp_path, *overrides, name="run"):
+    return validate_dpo_config(compose_config("dpo", [*FAST, *overrides], run_dir=str(tmp_path / name)))
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("builtin:words")
+
+
+# --- config and data errors, one line naming the key, column or row ---
+
+
+@pytest.mark.parametrize("override, message", [
+    ("dpo.loss=kto", r"^dpo\.loss: 'kto' is not one of hinge, ipo, sigmoid$"),
+    ("dpo.beta=0", r"^dpo\.beta: must be > 0, got 0"),
+    ("dpo.beta=-0.1", r"^dpo\.beta: must be > 0"),
+    ("dpo.label_smoothing=0.5", r"^dpo\.label_smoothing: must be in \[0, 0\.5\)"),
+])
+def test_config_errors_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        dpo_cfg(tmp_path, override)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "ipo"])
+def test_label_smoothing_with_a_non_sigmoid_loss_is_refused(tmp_path, loss):
+    with pytest.raises(ConfigError, match=rf"^dpo\.label_smoothing: .*sigmoid loss only, not '{loss}'"):
+        dpo_cfg(tmp_path, f"dpo.loss={loss}", "dpo.label_smoothing=0.1")
+
+
+GOOD = [{"prompt": "it was", "chosen": "good .", "rejected": "bad ."},
+        {"prompt": "the food was", "chosen": "superb .", "rejected": "awful ."}]
+
+
+RENAMED = [{"prompt": r["prompt"], "chosen": r["chosen"], "worse": r["rejected"]} for r in GOOD]
+
+
+@pytest.mark.parametrize("rows, message", [
+    (RENAMED, r"has no column 'rejected'; available columns: prompt, chosen, worse"),
+    ([*GOOD, {"prompt": "it was", "chosen": "", "rejected": "bad ."}],
+     r"column 'chosen' row 2 \(0-based\): expected a non-empty string"),
+    ([*GOOD, {"prompt": "it was", "chosen": "good .", "rejected": " "}], r"column 'rejected' row 2 \(0-based\)"),
+    ([*GOOD, {"prompt": "it was", "chosen": "fine .", "rejected": "fine ."}],
+     r"row 2 \(0-based\): columns 'chosen' and 'rejected' hold the same text 'fine \.'"),
+])
+def test_data_errors_name_the_file_and_row_before_any_model_loads(tmp_path, rows, message):
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    held_out = write_jsonl(tmp_path / "test.jsonl", GOOD)
+    cfg = dpo_cfg(tmp_path, f"data.source={train}", f"data.eval_source={held_out}", "data.num_train=null",
+                  "data.num_eval=null")
+    with pytest.raises(DataError, match=message) as err:
+        train_dpo(cfg)
+    assert "train.jsonl" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+# --- log-probs ---
+
+
+def test_sequence_logps_sum_the_completion_tokens_only(tok):
+    """Against log_softmax read token by token: row 0's completion "good ." + EOS is 3 tokens after the 2-token
+    prompt "it was", so the sum runs over positions 2, 3, 4, each predicted by the logits one position earlier."""
+    model = load_causal_lm("builtin:tiny", tok, seed=0).eval()
+    rows = datasets.Dataset.from_list(GOOD)
+    enc = encode_pairs(rows, tok, 32, completion_only=True)  # (2, 2, seq_len)
+    ids, mask, loss_mask = (enc[k][:, 0] for k in ("input_ids", "attention_mask", "loss_mask"))
+    assert loss_mask[0].tolist()[:6] == [0, 0, 1, 1, 1, 0]  # "it was" | "good ." EOS | padding
+    with torch.no_grad():
+        got = sequence_logps(model, ids, mask, loss_mask)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits, -1)
+    expected = [sum(float(logp[r, t - 1, ids[r, t]]) for t in range(ids.shape[1]) if loss_mask[r, t])
+                for r in range(2)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    assert int(loss_mask[1].sum()) == 3  # "superb ." EOS after "the food was"
+
+
+# --- the stage ---
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def live_and_precomputed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    live = train_dpo(dpo_cfg(root, "dpo.precompute_ref=false", name="live"))
+    pre = train_dpo(dpo_cfg(root, "dpo.precompute_ref=true", name="pre"))
+    return root, live, pre
+
+
+def test_step_0_is_log_2_with_zero_rewards_and_accuracy(live_and_precomputed):
+    """policy == reference at step 0, so h = 0 in every pair: -log sigmoid(0) = log 2, implicit rewards 0, and no
+    pair has chosen reward > rejected reward (a tie counts as wrong)."""
+    _, live, pre = live_and_precomputed
+    for first in (live[0], pre[0]):
+        for split in ("train", "eval"):
+            assert first[f"{split}/loss"] == pytest.approx(math.log(2), abs=1e-6)
+            assert first[f"{split}/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+            assert first[f"{split}/rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    # The live reference is the same computation on the same batch: h exactly 0, the loss log 2 in float32
+    log2 = float(torch.tensor(math.log(2), dtype=torch.float32))
+    for split in ("train", "eval"):
+        assert live[0][f"{split}/rewards/margin"] == 0.0 and live[0][f"{split}/rewards/accuracy"] == 0.0
+        assert live[0][f"{split}/loss"] == log2
+    assert live[0]["train/logps/chosen"] < 0
+
+
+def test_precomputed_and_live_reference_give_the_same_steps(live_and_precomputed):
+    _, live, pre = live_and_precomputed
+    assert [m["step"] for m in live] == [m["step"] for m in pre] == [0, 1, 2, 3]
+    for a, b in zip(live, pre):
+        for key in (k for k in a if not k.startswith("time/")):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert live[1]["train/rewards/margin"] != 0.0  # the steps moved the policy away from the reference
+
+
+def test_final_is_the_trained_model_and_loads_as_a_causal_lm(live_and_precomputed, tok):
+    """final/ reproduces the last held-out log-probs: it is the model after the last update, not the reference."""
+    root, live, _ = live_and_precomputed
+    model = load_causal_lm(str(root / "live" / "final"), tok).eval()
+    cfg = dpo_cfg(root, name="unused")
+    from rlhf.trainers.dpo import load_pairs
+
+    held_out = encode_pairs(load_pairs(cfg, eval_split=True), tok, cfg.data.max_length, completion_only=True)
+    with torch.no_grad():
+        chosen = sequence_logps(model, held_out["input_ids"][:, 0], held_out["attention_mask"][:, 0],
+                                held_out["loss_mask"][:, 0])
+    assert float(chosen.mean()) == pytest.approx(live[-1]["eval/logps/chosen"], rel=1e-5)
+    assert live[-1]["eval/logps/chosen"] != pytest.approx(live[0]["eval/logps/chosen"], rel=1e-5)
+    assert metrics(root / "live")[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("loss, beta, expected", [("ipo", 0.1, 25.0), ("hinge", 0.5, 1.0)])
+def test_other_losses_at_step_0(tmp_path, loss, beta, expected):
+    """h = 0: IPO's (0 - 1 / (2 * 0.1))^2 = 25, the hinge's max(0, 1 - 0) = 1."""
+    history = train_dpo(dpo_cfg(tmp_path, f"dpo.loss={loss}", f"dpo.beta={beta}", "trainer.max_steps=1",
+                                "data.num_eval=0", "dpo.precompute_ref=false"))
+    assert history[0]["train/loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_short_run_learns_the_builtin_preferences(tmp_path):
+    history = train_dpo(dpo_cfg(tmp_path, "data.num_train=2048", "data.num_eval=256", "trainer.batch_size=32",
+                                "trainer.max_steps=40", "trainer.eval_every=0", "trainer.log_every=10"))
+    first, last = history[0], history[-1]
+    assert first["eval/rewards/accuracy"] == 0.0
+    assert last["eval/rewards/accuracy"] > 0.6, last
+    assert last["eval/loss"] < math.log(2)
+    assert "held-out preference accuracy 0.0000 -> " in dpo_summary("sigmoid", history, "f")
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, precompute):
+    """B = 0 at the start, so the adapters change nothing and step 0 is log 2; only the adapters train, and the run
+    writes the merged model to final/ and the adapters to adapter/."""
+    history = train_dpo(dpo_cfg(tmp_path, "model.lora.r=4", f"dpo.precompute_ref={precompute}",
+                                "trainer.max_steps=2"))
+    assert history[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[0]["eval/rewards/accuracy"] == 0.0
+    assert history[-1]["eval/rewards/margin"] != 0.0
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_follow_one_process(tmp_path):
+    """The batch (16 pairs) is global: 2 gloo processes take 8 each, the reference log-probs are precomputed with
+    each process scoring every other pair, and the held-out pass gathers both halves. A per-pair mean over equal
+    shards averages exactly, so the trajectory and the final weights are those of 1 process."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_distributed import STAGE_FAST, _assert_same_trajectory, _launch
+
+    threads = torch.get_num_threads()
+    try:
+        one = train_dpo(validate_dpo_config(compose_config("dpo", STAGE_FAST, run_dir=str(tmp_path / "one"))))
+    finally:
+        torch.set_num_threads(threads)
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, f"hydra.run.dir={tmp_path / 'two'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = metrics(tmp_path / "two")
+    assert [m["step"] for m in two] == list(range(7))
+    assert one[-1]["eval/loss"] < one[0]["eval/loss"]  # it trained: the comparison is not of two idle runs
+    _assert_same_trajectory(one, two)
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in ("one", "two")]
+    for name, w in weights[0].items():
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5)
