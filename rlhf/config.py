@@ -639,6 +639,9 @@ class SupervisedTrainerConfig:
     scheduler: str = MISSING
     max_grad_norm: float | None = MISSING
     log_every: int = MISSING
+    save_every: int = MISSING
+    keep_last: int = MISSING
+    resume: str | None = MISSING
     cpu: bool = MISSING
     mixed_precision: str = MISSING
     torch_threads: int | None = MISSING
@@ -763,6 +766,8 @@ def _check_supervised_trainer(t: DictConfig, world_size: int) -> None:
     _check_choice(t.scheduler, "trainer.scheduler", ["constant", "constant_with_warmup", "linear", "cosine"])
     _check(t.max_grad_norm is None or t.max_grad_norm > 0, "trainer.max_grad_norm", "must be > 0 or null")
     _check(t.log_every >= 1, "trainer.log_every", "must be >= 1")
+    _check(t.save_every >= 0, "trainer.save_every", "must be >= 0 (0 = no checkpoints)")
+    _check(t.keep_last >= 1, "trainer.keep_last", "must be >= 1")
     _check_choice(t.mixed_precision, "trainer.mixed_precision", ["no", "bf16"])  # fp16 needs a loss scaler
     _check(t.torch_threads is None or t.torch_threads > 0, "trainer.torch_threads", "must be > 0 or null")
     _check(t.dist_timeout_s > 0, "trainer.dist_timeout_s", "must be > 0")

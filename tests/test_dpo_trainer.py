@@ -190,18 +190,39 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, precomput
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
 
 
+def test_resuming_a_checkpoint_continues_the_same_run_exactly(tmp_path):
+    """A checkpoint at step 2 holds the weights, AdamW and the schedule, and batches are a function of the step, so
+    a run resumed from it (in a fresh folder) logs bit for bit what the uninterrupted run logged from step 2 on, and
+    saves the same final weights. The reference stays the initial policy (model.policy), not the checkpoint's."""
+    from transformers import AutoModelForCausalLM
+
+    steps = ["trainer.max_steps=4", "trainer.save_every=2", "trainer.eval_every=2", "trainer.warmup_steps=1"]
+    whole = train_dpo(dpo_cfg(tmp_path, *steps, name="whole"))
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+    resumed = train_dpo(dpo_cfg(tmp_path, *steps, f"trainer.resume={tmp_path / 'whole' / 'checkpoints' / 'step_2'}",
+                                name="resumed"))
+    strip = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in whole if m["step"] >= 2]
+    assert [{k: v for k, v in m.items() if not k.startswith("time/")} for m in resumed] == strip
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == [2, 3, 4]
+    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict()
+               for run in ("whole", "resumed")]
+    assert all(torch.equal(weights[1][name], w) for name, w in weights[0].items())
+
+
 @pytest.mark.slow
 def test_two_processes_follow_one_process(tmp_path):
     """The batch (16 pairs) is global: 2 gloo processes take 8 each, the reference log-probs are precomputed with
     each process scoring every other pair, and the held-out pass gathers both halves. A per-pair mean over equal
-    shards averages exactly, so the trajectory and the final weights are those of 1 process."""
+    shards averages exactly, so the trajectory and the final weights are those of 1 process; and 2 processes resume
+    the 1-process checkpoint."""
     from transformers import AutoModelForCausalLM
 
     from tests.test_distributed import STAGE_FAST, _assert_same_trajectory, _launch
 
     threads = torch.get_num_threads()
     try:
-        one = train_dpo(validate_dpo_config(compose_config("dpo", STAGE_FAST, run_dir=str(tmp_path / "one"))))
+        one = train_dpo(validate_dpo_config(compose_config("dpo", [*STAGE_FAST, "trainer.save_every=3"],
+                                                          run_dir=str(tmp_path / "one"))))
     finally:
         torch.set_num_threads(threads)
     proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, f"hydra.run.dir={tmp_path / 'two'}"])
@@ -213,3 +234,8 @@ def test_two_processes_follow_one_process(tmp_path):
     weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in ("one", "two")]
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5)
+    # Two processes resume the one-process checkpoint of step 3 and continue its trajectory
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, f"hydra.run.dir={tmp_path / 'res'}",
+                    f"trainer.resume={tmp_path / 'one' / 'checkpoints' / 'step_3'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_trajectory([m for m in one if m["step"] >= 3], metrics(tmp_path / "res"))

@@ -48,11 +48,13 @@ def latest_checkpoint(ckpt_root: str) -> str | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def check_checkpoint(path: str, key: str = "trainer.resume") -> None:
-    """Fail with a one-line error naming ``key`` unless ``path`` is a complete checkpoint."""
+def check_checkpoint(path: str, key: str = "trainer.resume", weights: str = os.path.join("policy", "config.json")
+                     ) -> None:
+    """Fail with a one-line error naming ``key`` unless ``path`` is a complete checkpoint whose model is at
+    ``weights`` (the policy trainer's ``policy/`` folder; a supervised stage's ``module.pt``)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{key}: checkpoint folder {path!r} does not exist")
-    for need in (MARKER, "trainer_state.pt", os.path.join("policy", "config.json")):
+    for need in (MARKER, "trainer_state.pt", weights):
         if not os.path.exists(os.path.join(path, need)):
             raise CheckpointError(f"{key}: checkpoint {path!r} is incomplete (no {need})")
 

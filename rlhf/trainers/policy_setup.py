@@ -32,9 +32,10 @@ from rlhf.runtime.backend import DistributedBackend
 from rlhf.runtime.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
 
 
-def resolve_resume(resume: str | None, ckpt_root: str, backend: DistributedBackend) -> str | None:
+def resolve_resume(resume: str | None, ckpt_root: str, backend: DistributedBackend, **check) -> str | None:
     """The checkpoint every process resumes from, the same on all of them (any world size may resume it): None,
-    ``auto`` (the main process's newest complete checkpoint under ``ckpt_root``) or a checkpoint folder."""
+    ``auto`` (the main process's newest complete checkpoint under ``ckpt_root``) or a checkpoint folder. ``check``:
+    keywords of ``check_checkpoint`` (a supervised stage's checkpoint holds its weights elsewhere)."""
     if resume is None:
         return None
     if resume == "auto":
@@ -45,7 +46,7 @@ def resolve_resume(resume: str | None, ckpt_root: str, backend: DistributedBacke
                           stacklevel=3)
             return None
     try:
-        check_checkpoint(resume)
+        check_checkpoint(resume, **check)
     except CheckpointError as e:
         if backend.is_main:
             raise

@@ -36,7 +36,6 @@ from rlhf.runtime.accelerator import make_accelerator
 from rlhf.runtime.backend import DistributedBackend, all_finite
 from rlhf.runtime.errors import TrainingError
 from rlhf.runtime.runlock import locked_run_dir
-from rlhf.runtime.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,12 @@ FINAL_DIR = "final"
 
 ADAPTER_DIR = "adapter"
 """Sub-folder that holds a LoRA run's adapters and tokenizer (rlhf.lora's adapter folder); final/ holds them merged."""
+
+CKPT_DIR = "checkpoints"
+"""Sub-folder of the run folder with the ``step_<N>`` checkpoints (rlhf.runtime.checkpoint) of ``trainer.save_every``."""
+
+MODULE_FILE = "module.pt"
+"""A stage checkpoint's weights: the state dict of the module ``fit`` trains (whole, also under FSDP2)."""
 
 
 # ---------------------------------------------------------------------- batching
@@ -256,22 +261,35 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
                      updates and after the last one
         5. log       ``metrics.jsonl`` (and TensorBoard, W&B) on the main process
 
+        6. checkpoint ``<run_dir>/checkpoints/step_<N>`` every ``trainer.save_every`` updates: the module's weights,
+                     AdamW and the schedule, from which ``trainer.resume`` continues exactly (batches are a function
+                     of the step)
+
     Every metric of line ``step`` describes the model after ``step`` updates; the last line
     (``step == trainer.max_steps``) holds only the final evaluation. ``derive(train metrics)`` adds metrics computed
     from the global ones (SFT: perplexity from the loss). Then ``save(unwrapped module)`` runs on the main process,
     after every process has checked that the weights are finite (so a refusal stops every process, not only rank 0).
     """
+    from rlhf.runtime.checkpoint import load_trainer_state
+    from rlhf.trainers.policy_metrics import open_logger
+    from rlhf.trainers.policy_setup import resolve_resume
+
     t = cfg.trainer
+    ckpt_root = os.path.join(cfg.run_dir, CKPT_DIR)
+    resume = resolve_resume(t.resume, ckpt_root, backend, weights=MODULE_FILE)
+    if resume:
+        module.load_state_dict(torch.load(os.path.join(resume, MODULE_FILE), map_location="cpu"))
     optimizer, scheduler = build_optimizer(
         (p for p in module.parameters() if p.requires_grad), lr=t.lr, weight_decay=t.weight_decay,
         betas=t.adam_betas, scheduler=t.scheduler, warmup_steps=t.warmup_steps, max_steps=t.max_steps)
     module, optimizer = backend.acc.prepare(module, optimizer)
-    logger = MetricsLogger(cfg.run_dir, enabled=backend.is_main, tensorboard=cfg.logging.tensorboard,
-                           wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-                           config=OmegaConf.to_container(cfg, resolve=True))
+    start = _load_stage_state(backend, module, optimizer, scheduler, load_trainer_state(resume)) if resume else 0
+    logger = open_logger(cfg, cfg.run_dir, backend.is_main, start, ckpt_root)
     rows, bar, history = num_rows(train), _progress_bar(cfg, backend.is_main), []
+    if bar is not None:
+        bar.update(start)
     try:
-        for step in range(t.max_steps + 1):
+        for step in range(start, t.max_steps + 1):
             metrics: dict = {"step": step}
             evaluated = step == 0 or step == t.max_steps or (t.eval_every > 0 and step % t.eval_every == 0)
             if evaluated:
@@ -287,6 +305,8 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
             if evaluated or step % t.log_every == 0:
                 logger.log(metrics)
                 history.append(metrics)
+            if t.save_every and step < t.max_steps and (step + 1) % t.save_every == 0:
+                _save_stage_checkpoint(backend, module, optimizer, scheduler, step + 1, cfg, ckpt_root)
     finally:
         if bar is not None:
             bar.close()
@@ -296,6 +316,33 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
         save(backend.unwrap(module))
     backend.wait()
     return history
+
+
+def _save_stage_checkpoint(backend: DistributedBackend, module: nn.Module, optimizer, scheduler, step: int,
+                           cfg: DictConfig, ckpt_root: str) -> None:
+    """``<ckpt_root>/step_<step>`` (atomic; rlhf.runtime.checkpoint): ``module.pt`` and ``trainer_state.pt`` (step,
+    AdamW, schedule, the resolved config). Collective: every process takes part in gathering the state."""
+    from rlhf.runtime.checkpoint import save_checkpoint
+
+    _check_finite_everywhere(backend, module, cfg.run_dir)
+    weights = backend.state_dict(module)
+    state = {"step": step, "optimizer": backend.optimizer_state(optimizer, backend.unwrap(module)),
+             "scheduler": scheduler.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True)}
+    if backend.is_main:
+        def write(folder: str) -> None:
+            torch.save(weights, os.path.join(folder, MODULE_FILE))
+            torch.save(state, os.path.join(folder, "trainer_state.pt"))
+
+        save_checkpoint(ckpt_root, step, write, cfg.trainer.keep_last)
+    backend.wait()
+
+
+def _load_stage_state(backend: DistributedBackend, module: nn.Module, optimizer, scheduler, state: dict) -> int:
+    """AdamW and the schedule of a stage checkpoint (the weights loaded before ``prepare``); returns its step."""
+    if state["optimizer"] is not None:
+        backend.load_optimizer_state(optimizer, backend.unwrap(module), state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
 
 
 def _progress_bar(cfg: DictConfig, is_main: bool):
