@@ -11,8 +11,8 @@ One SFT run, as data:
     save                      -> <run_dir>/final: save_pretrained + tokenizer, loadable by AutoModelForCausalLM
                                  (with model.lora: the adapters merged in, and <run_dir>/adapter the adapters alone)
 
-``fit`` is the loop. The reward trainer (``rlhf.trainers.reward``) runs the same loop with its own loss and
-evaluation, so the two stages share batching, optimisation, logging and saving.
+``fit`` is the loop. The reward and DPO trainers (``rlhf.trainers.reward``, ``rlhf.trainers.dpo``) run the same loop
+with their own loss and evaluation, so the stages share batching, optimisation, logging, checkpoints and saving.
 """
 
 from __future__ import annotations
