@@ -421,7 +421,15 @@ def test_script_wrapper_lets_bugs_through():
         main()
 
 
-def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) during the test, whatever an earlier test left installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path, python_sigint):
     from rlhf.trainers.policy import TrainingInterrupted
 
     trainer = _trainer(tmp_path / "run", "trainer.max_steps=5")
@@ -451,6 +459,8 @@ def test_sigint_writes_a_checkpoint_and_a_second_one_acts_at_once(tmp_path):
         while signal.getsignal(signal.SIGINT) is not handler and time.monotonic() < deadline:
             time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGINT)
+        while time.monotonic() < deadline + 10:  # the KeyboardInterrupt is raised here, as soon as Python handles it
+            time.sleep(0.001)
         return train_step(step)
 
     trainer.train_step = twice
