@@ -88,14 +88,19 @@ def prepare_packaged(name: str) -> str:
     return save_model_folder(model, tok, folder)
 
 
-def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str) -> str:
-    """``save_pretrained`` the model and tokenizer to ``<folder>.tmp``, then put it in ``folder``'s place (replacing
-    what was there), so a folder interrupted while written is never read as a whole one. Returns ``folder``."""
+def save_model_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: str,
+                      save_model=None) -> str:
+    """Save the model (``save_model(model, tmp)``, default ``save_pretrained``) and tokenizer to ``<folder>.tmp``, then
+    put it in ``folder``'s place (replacing what was there), so a folder interrupted while written is never read as a
+    whole one. Returns ``folder``."""
     import shutil
 
     tmp = folder.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if save_model is None:
+        model.save_pretrained(tmp)
+    else:
+        save_model(model, tmp)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)

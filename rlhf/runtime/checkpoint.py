@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 
 import torch
 
@@ -346,3 +347,26 @@ def set_aside_newer(ckpt_root: str, step: int) -> list[str]:
             os.replace(path, target)
             moved.append(target)
     return moved
+
+
+def resolve_resume(resume: str | None, ckpt_root: str, backend, **check) -> str | None:
+    """The checkpoint every process resumes from (``backend``: rlhf.runtime.backend.DistributedBackend), the same on all of them (any world size may resume it): None,
+    ``auto`` (the main process's newest complete checkpoint under ``ckpt_root``) or a checkpoint folder. ``check``:
+    keywords of ``check_checkpoint`` (a supervised stage's checkpoint holds its weights elsewhere)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        # The main process's choice: another machine's copy of run_dir may hold an older checkpoint, or none.
+        resume = backend.from_main(latest_checkpoint(ckpt_root))
+        if resume is None:
+            warnings.warn(f"trainer.resume=auto: no complete checkpoint under {ckpt_root}; starting at step 0",
+                          stacklevel=3)
+            return None
+    try:
+        check_checkpoint(resume, **check)
+    except CheckpointError as e:
+        if backend.is_main:
+            raise
+        raise CheckpointError(f"{e} on process {backend.process_index}; every machine must see run_dir "
+                              "(a shared filesystem)") from None
+    return resume

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 
 def _jsonable(v):
@@ -96,3 +97,24 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def open_logger(cfg, run_dir: str, is_main: bool, start_step: int, ckpt_root: str) -> MetricsLogger:
+    """metrics.jsonl / TensorBoard / W&B on the main process. On resume, what a killed run logged past its checkpoint
+    is dropped (also with resume=auto and no checkpoint yet), TensorBoard hides it, and newer checkpoints are set
+    aside (rlhf.runtime.checkpoint.set_aside_newer)."""
+    from omegaconf import OmegaConf
+
+    from rlhf.runtime.checkpoint import set_aside_newer
+
+    resumed = cfg.trainer.resume is not None
+    logger = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                           wandb_project=cfg.logging.wandb_project, config=OmegaConf.to_container(cfg, resolve=True),
+                           purge_step=start_step if resumed else None)
+    if is_main and resumed:
+        truncate_metrics(logger.path, start_step - 1)
+        truncate_metrics(logger.samples_path, start_step - 1)
+        for path in set_aside_newer(ckpt_root, start_step):
+            warnings.warn(f"trainer.resume: newer checkpoint moved to {path} (this run continues from step "
+                          f"{start_step})", stacklevel=4)
+    return logger

@@ -52,16 +52,17 @@ from rlhf.rollout.sampling import row_keys
 from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.accelerator import make_accelerator
 from rlhf.runtime.backend import DistributedBackend, micro_batch_share
+from rlhf.runtime.checkpoint import resolve_resume
 from rlhf.runtime.errors import TrainingError, TrainingInterrupted
 from rlhf.runtime.runlock import lock_run_dir
 from rlhf.runtime.signals import StopSignals
+from rlhf.runtime.tracking import open_logger
 from rlhf.trainers import policy_setup as setup
 from rlhf.trainers.policy_eval import HeldOut
 from rlhf.trainers.policy_metrics import (
     add_timings,
     dynamic_counts,
     mismatch_metrics,
-    open_logger,
     progress_bar,
     sample_rows,
     start_line,
@@ -122,7 +123,7 @@ class PolicyTrainer:
         """Checkpoint to resume, prompts (checked before any weights load), models, optimizer, engine, logger."""
         cfg, t, b = self.cfg, self.cfg.trainer, self.backend
         self.ckpt_root = os.path.join(self.run_dir, "checkpoints")
-        self.resume_from = setup.resolve_resume(t.resume, self.ckpt_root, b)
+        self.resume_from = resolve_resume(t.resume, self.ckpt_root, b)
         tokenizer = setup.load_policy_tokenizer(cfg)
         self.prompts = setup.load_prompts(cfg)
         # The policy reads each prompt as its chat template renders it (data.chat_template); rewards get it plain.

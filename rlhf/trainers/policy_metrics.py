@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
-from omegaconf import OmegaConf
 
 from rlhf.core.correction import mismatch_weights
 from rlhf.core.kl import sampler_mismatch
 from rlhf.core.losses import masked_mean
 from rlhf.rollout.batch import Rollout
 from rlhf.runtime.backend import DistributedBackend
-from rlhf.runtime.checkpoint import set_aside_newer
-from rlhf.runtime.tracking import MetricsLogger, truncate_metrics
 
 
 def step_metrics(backend: DistributedBackend, step: int, ro: Rollout, kl_seq: torch.Tensor | None,
@@ -79,23 +75,6 @@ def add_timings(metrics: dict, rollout_cfg, t_generate: float, t_sync: float | N
         metrics["time/weight_sync_s"] = t_sync  # part of time/generate_s
     metrics.update({"time/generate_s": t_generate, "time/score_s": t_score, "time/update_s": t_update,
                     "time/step_s": t_step})
-
-
-def open_logger(cfg, run_dir: str, is_main: bool, start_step: int, ckpt_root: str) -> MetricsLogger:
-    """metrics.jsonl / TensorBoard / W&B on the main process. On resume, what a killed run logged past its checkpoint
-    is dropped (also with resume=auto and no checkpoint yet), TensorBoard hides it, and newer checkpoints are set
-    aside (rlhf.runtime.checkpoint.set_aside_newer)."""
-    resumed = cfg.trainer.resume is not None
-    logger = MetricsLogger(run_dir, enabled=is_main, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
-                           wandb_project=cfg.logging.wandb_project, config=OmegaConf.to_container(cfg, resolve=True),
-                           purge_step=start_step if resumed else None)
-    if is_main and resumed:
-        truncate_metrics(logger.path, start_step - 1)
-        truncate_metrics(logger.samples_path, start_step - 1)
-        for path in set_aside_newer(ckpt_root, start_step):
-            warnings.warn(f"trainer.resume: newer checkpoint moved to {path} (this run continues from step "
-                          f"{start_step})", stacklevel=4)
-    return logger
 
 
 def start_line(cfg, backend: DistributedBackend, start_step: int, run_dir: str) -> str:

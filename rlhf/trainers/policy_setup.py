@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import warnings
 
 import torch
 from omegaconf import DictConfig
@@ -28,31 +27,6 @@ from rlhf.models import (
     value_model_from_policy,
 )
 from rlhf.rewards.sources import RewardSources, score_model_loader
-from rlhf.runtime.backend import DistributedBackend
-from rlhf.runtime.checkpoint import CheckpointError, check_checkpoint, latest_checkpoint
-
-
-def resolve_resume(resume: str | None, ckpt_root: str, backend: DistributedBackend, **check) -> str | None:
-    """The checkpoint every process resumes from, the same on all of them (any world size may resume it): None,
-    ``auto`` (the main process's newest complete checkpoint under ``ckpt_root``) or a checkpoint folder. ``check``:
-    keywords of ``check_checkpoint`` (a supervised stage's checkpoint holds its weights elsewhere)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        # The main process's choice: another machine's copy of run_dir may hold an older checkpoint, or none.
-        resume = backend.from_main(latest_checkpoint(ckpt_root))
-        if resume is None:
-            warnings.warn(f"trainer.resume=auto: no complete checkpoint under {ckpt_root}; starting at step 0",
-                          stacklevel=3)
-            return None
-    try:
-        check_checkpoint(resume, **check)
-    except CheckpointError as e:
-        if backend.is_main:
-            raise
-        raise CheckpointError(f"{e} on process {backend.process_index}; every machine must see run_dir "
-                              "(a shared filesystem)") from None
-    return resume
 
 
 def context_length(spec: str) -> int | None:

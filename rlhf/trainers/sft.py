@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 
@@ -212,17 +211,11 @@ def save_final(model, tokenizer, folder: str) -> str:
     A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
     """
     from rlhf.lora import save_model
+    from rlhf.models import save_model_folder
 
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    return save_model_folder(model, tokenizer, folder, save_model)
 
 
 def save_trained(model, tokenizer, run_dir: str) -> str:
@@ -270,9 +263,8 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
     from the global ones (SFT: perplexity from the loss). Then ``save(unwrapped module)`` runs on the main process,
     after every process has checked that the weights are finite (so a refusal stops every process, not only rank 0).
     """
-    from rlhf.runtime.checkpoint import load_trainer_state
-    from rlhf.trainers.policy_metrics import open_logger
-    from rlhf.trainers.policy_setup import resolve_resume
+    from rlhf.runtime.checkpoint import load_trainer_state, resolve_resume
+    from rlhf.runtime.tracking import open_logger
 
     t = cfg.trainer
     ckpt_root = os.path.join(cfg.run_dir, CKPT_DIR)
