@@ -389,8 +389,6 @@ def validate_policy_config(cfg: DictConfig, world_size: int = 1, multirun_sets_b
         # Dropout would make the update's log-probs differ from the rollout's at ratio 1 (rlhf.models.disable_dropout)
         _check(cfg.model.lora.dropout == 0, "model.lora.dropout",
                "the policy trainer runs without dropout (rollout and update log-probs must agree); set 0")
-        _check(cfg.rollout.engine == "hf", "rollout.engine",
-               f"{cfg.rollout.engine} syncs whole weights and does not take LoRA adapters yet; use hf with model.lora")
     line = pretrained_defaults_line(cfg, filled)
     if line is not None and int(os.environ.get("RANK", "0")) == 0:
         log.info(line)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -205,8 +207,44 @@ def load_adapter(base: nn.Module, folder: str, trainable: bool, base_spec: str, 
 
 def merged(model: nn.Module) -> nn.Module:
     """The plain transformers model with the adapters folded into its weights (W + alpha / r * B @ A) and the
-    modules_to_save copies in place of the originals. Consumes ``model``."""
+    modules_to_save copies in place of the originals. Consumes ``model`` (to keep it: :func:`merged_weights`)."""
     return model.merge_and_unload()
+
+
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every entry of the merged model's ``state_dict`` (what :func:`merged` would hold),
+    computed from the peft ``model`` without changing it: a LoRA-wrapped layer's weight is a fresh
+    W + alpha / r * B @ A (its adapters' names dropped), a modules_to_save module is its trained copy, everything
+    else is the base tensor itself (not a copy). Names are the base model's, e.g.
+    ``model.layers.0.self_attn.q_proj.weight``: peft's ``base_model.model.`` prefix and ``.base_layer`` gone. Lazy,
+    one tensor at a time, so a consumer that copies each away (vLLM's weight reload) never holds a second model."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapter = model.active_adapter
+    lora_layers = {f"{name}.base_layer.weight": m for name, m in base.named_modules()
+                   if isinstance(m, LoraLayer) and not m.merged}  # merged: the delta is in the weight already
+    saved = f".modules_to_save.{adapter}."
+    for key, tensor in base.state_dict().items():
+        if _ADAPTER_PART.search(key) or ".original_module." in key or (".modules_to_save." in key and saved not in key):
+            continue  # adapters (folded in below); the frozen copy a modules_to_save module replaces
+        name = key.replace(".base_layer.", ".").replace(saved, ".")
+        layer = lora_layers.get(key)
+        yield name, (_with_delta(layer, tensor) if layer is not None else tensor)
+
+
+_ADAPTER_PART = re.compile(r"\.lora_[^.]+\.")  # lora_A / lora_B / lora_embedding_A / lora_magnitude_vector ...
+
+
+@torch.no_grad()
+def _with_delta(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` plus the deltas (alpha / r * B @ A, peft's ``get_delta_weight``) of ``layer``'s active adapters,
+    summed in float32 and rounded once to the weight's dtype; a new tensor."""
+    out = weight.detach().to(torch.float32, copy=True)
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A or adapter in layer.lora_embedding_A:
+            out += layer.get_delta_weight(adapter).float()
+    return out.to(weight.dtype)
 
 
 def load_merged(folder: str, tokenizer, dtype: str = "float32", score: bool = False) -> nn.Module:

@@ -10,6 +10,7 @@ CPU build into its own environment (it pins its transformers) and run this file 
 vLLM's CPU attention needs a head size of at least 32, so these tests use builtin:w1 (head size 64), not tiny.
 """
 
+import copy
 import importlib.util
 import json
 import math
@@ -24,6 +25,7 @@ from rlhf.rollout.vllm import (
     processed_logprobs_option,
     request_seeds,
     strip_left_padding,
+    synced_weights,
 )
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -69,6 +71,51 @@ def test_bad_engine_name_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="rollout.engine"):
         validate_policy_config(compose_policy(["rollout.engine=sglang"], run_dir=str(tmp_path)))
+
+
+def _with_lora(model, spec, modules_to_save=None):
+    """``model`` wrapped (in place) in rank-4 adapters on every linear layer, alpha 12: scale alpha / r = 3."""
+    from omegaconf import OmegaConf
+
+    from rlhf.lora import add_lora
+
+    lora = OmegaConf.create({"r": 4, "alpha": 12, "dropout": 0.0, "target_modules": "all-linear",
+                             "modules_to_save": modules_to_save})
+    return add_lora(model, lora, spec, seed=0)
+
+
+def test_a_lora_policy_is_synced_as_its_merged_weights():
+    """What a LoRA policy streams into vLLM: the plain model's state_dict under the base's names, each adapted weight
+    W + 3 * B @ A (worked out here in plain torch), the trained copy of a modules_to_save lm_head; the policy itself
+    unchanged (no merge in place). Fresh adapters (B = 0) stream the base weights exactly."""
+    pytest.importorskip("peft")
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    base = load_causal_lm("builtin:tiny", load_tokenizer("builtin:words"))
+    plain = {name: t.clone() for name, t in base.state_dict().items()}
+    policy = _with_lora(base, "builtin:tiny", modules_to_save=["lm_head"])
+    synced = dict(synced_weights(policy))
+    assert list(synced) == list(plain)
+    assert all(torch.equal(synced[name], plain[name]) for name in plain)
+
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+        policy.get_base_model().lm_head.modules_to_save["default"].weight.add_(1.0)
+    before = {name: t.clone() for name, t in policy.state_dict().items()}
+    synced = dict(synced_weights(policy))
+    adapted = {name: m for name, m in policy.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    assert len(adapted) == 7 * base.config.num_hidden_layers  # q k v o gate up down
+    for name, m in adapted.items():
+        expected = plain[f"{name}.weight"] + 3 * m.lora_B["default"].weight @ m.lora_A["default"].weight
+        torch.testing.assert_close(synced[f"{name}.weight"], expected)
+        assert not torch.equal(synced[f"{name}.weight"], plain[f"{name}.weight"])
+    assert torch.equal(synced["lm_head.weight"], plain["lm_head.weight"] + 1.0)
+    others = set(plain) - {f"{name}.weight" for name in adapted} - {"lm_head.weight"}
+    assert others and all(torch.equal(synced[name], plain[name]) for name in others)  # embeddings, norms
+    after = policy.state_dict()
+    assert all(torch.equal(after[name], t) for name, t in before.items())
 
 
 # ---------------------------------------------------------------------------------------------- with vllm
@@ -210,6 +257,40 @@ def test_the_keyword_call_before_sampling_spec_still_works(engine_and_policy):
 
 
 @needs_vllm
+def test_a_lora_policy_synced_merged_gives_the_peft_models_logprobs(engine_and_policy):
+    """A LoRA copy of the policy with nonzero adapters (B ~ N(0, 0.05^2) on every linear layer, a trained lm_head)
+    synced into the same engine: vLLM's processed log-probs of its drawn tokens are the peft model's, within the
+    tolerance of the full-weight check above, and far from the base's (the adapters change the distribution)."""
+    pytest.importorskip("peft")
+    from rlhf.rollout.forward import policy_logprobs
+    from rlhf.rollout.sampling import row_keys
+
+    engine, policy, tok = engine_and_policy
+    if not engine.returns_logprobs:
+        pytest.skip("this vLLM has no logprobs_mode=processed_logprobs")
+    lora_policy = _with_lora(copy.deepcopy(policy), "builtin:w1", modules_to_save=["lm_head"]).eval()
+    with torch.no_grad():
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        lora_policy.get_base_model().lm_head.modules_to_save["default"].weight.mul_(1.2)
+    texts = ["the movie was", "i think that this film is really", "bad", "we saw a play"] * 4
+    ids, mask = _prompts(tok, texts)
+    spec = SamplingSpec(temperature=0.8, top_k=5, min_new_tokens=2, max_new_tokens=6, eos_token_id=tok.eos_token_id)
+    try:
+        engine.sync_weights(lora_policy)
+        out, out_mask, lp = engine.generate(ids, mask, spec, row_keys(1, 0, torch.arange(len(texts))))
+    finally:
+        engine.sync_weights(policy)  # the other tests' engine holds the plain policy
+    with torch.no_grad():
+        ref, _ = policy_logprobs(lora_policy, ids, mask, out, out_mask, spec=spec)
+        base, _ = policy_logprobs(policy, ids, mask, out, out_mask, spec=spec)
+    assert torch.isfinite(ref).all()
+    torch.testing.assert_close(lp, ref, atol=1e-3, rtol=1e-3)
+    assert (base - ref).abs().max().item() > 0.1
+
+
+@needs_vllm
 @pytest.mark.slow
 def test_trainer_with_the_vllm_engine(tmp_path):
     """Three RLOO steps through scripts/train_policy.py with rollout.engine=vllm and truncated importance sampling
@@ -235,6 +316,30 @@ def test_trainer_with_the_vllm_engine(tmp_path):
     for r in rows:
         assert r["mismatch/kl_k3"] >= 0 and math.isfinite(r["mismatch/kl_k1"])
         assert 0.5 < r["mismatch/is_weight_mean"] <= 2.0 and 0 <= r["mismatch/share_above_cap"] <= 1
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_trainer_with_the_vllm_engine_and_a_lora_policy(tmp_path):
+    """Three RLOO steps with rollout.engine=vllm and model.lora.r=8: step 0's KL is exactly 0 (fresh adapters, B = 0:
+    the policy is the reference), and after two updates vLLM, fed the merged weights, still samples the trainer's
+    distribution: its log-probs of the drawn tokens stay close to the trainer's (mismatch/kl_k3) while the policy has
+    moved from the reference (kl)."""
+    pytest.importorskip("peft")
+    from tests.conftest import FAST, run_script
+
+    run = tmp_path / "run"
+    proc = run_script(["scripts/train_policy.py", *FAST, "rollout.engine=vllm", "rollout.vllm.enforce_eager=true",
+                       "model.policy=builtin:w1", "model.lora.r=8", "algorithm=rloo", "trainer.max_steps=3",
+                       f"hydra.run.dir={run}"],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[2]["kl"] > 0
+    assert all(r["mismatch/kl_k3"] < 1e-5 for r in rows), [r["mismatch/kl_k3"] for r in rows]
 
 
 @needs_vllm

@@ -8,6 +8,16 @@ cache is dropped, since cached prompt keys/values were computed by the old weigh
 it was drawn from; the log-probs the update uses are still computed by the trainer's own forward pass, so vLLM's
 numerics never enter the loss, only which tokens were drawn.
 
+A LoRA policy (``model.lora``) is synced merged: each adapted layer's W + alpha / r * B @ A, and the trained copy of
+each modules_to_save module, under the base model's names (``synced_weights``, rlhf.lora.merged_weights), so vLLM
+holds a plain model and the path is the full-weight one. The price is one (out, r) @ (r, in) product per adapted
+layer per step, into a fresh tensor; the training module is never merged in place. vLLM's own LoRA serving
+(``enable_lora``) was not taken: it loads adapters from a folder, so every step would write the adapters to disk and
+load them as a new LoRARequest; it needs max_lora_rank / max_loras sized up front and runs its own LoRA kernels
+(Punica; on the CPU build, enable_lora also turns torch.compile off), whose numerics the log-prob checks would have
+to cover as well; and its adapters hold no full module but a classifier's score head (vLLM 0.32), so a
+modules_to_save lm_head would still need a full-weight sync beside them.
+
 vLLM applies min-p before top-k/top-p, transformers (and so rlhf.rollout.spec) after: with min_p and top-k/top-p both
 on the two distributions differ, and ``VLLMEngine.check_spec`` refuses the combination.
 
@@ -32,7 +42,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, ClassVar
 
@@ -40,6 +50,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf.config import ConfigError
+from rlhf.lora import is_peft_model, merged_weights
 from rlhf.rollout.batch import response_mask_from_ids
 from rlhf.rollout.spec import SamplingSpec
 
@@ -83,6 +94,15 @@ def pad_logprobs(logprob_lists: list[list[float]], width: int, device: torch.dev
     return out.to(device)
 
 
+def synced_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """What ``sync_weights`` streams into vLLM: ``(name, tensor)`` as in the policy's ``state_dict``, or for a LoRA
+    policy (peft) the merged model's (rlhf.lora.merged_weights: W + alpha / r * B @ A under the base's names,
+    computed into fresh tensors; the training module is not touched)."""
+    if is_peft_model(policy):
+        return merged_weights(policy)
+    return ((name, tensor.detach()) for name, tensor in policy.state_dict().items())
+
+
 def processed_logprobs_option() -> dict:
     """``{"logprobs_mode": "processed_logprobs"}`` when the installed vLLM has that engine argument (the
     requested log-probs are those of the distribution the token was drawn from, after temperature, min-p, top-k/top-p
@@ -99,10 +119,10 @@ def processed_logprobs_option() -> dict:
 class VLLMEngine:
     """A vLLM ``LLM`` holding a copy of the policy; ``sync_weights`` before each ``generate``.
 
-    policy, tokenizer: the (unwrapped) policy and its tokenizer. Only the policy's config and the tokenizer are
-    written (to a temporary folder, by every process: ``save_pretrained`` of a model would write on rank 0 only);
-    vLLM builds the model with placeholder weights (``load_format="dummy"``) and the first ``sync_weights`` fills
-    them. dtype: vLLM's weights/activations ("float32", "bfloat16", ...). max_model_len: prompt +
+    policy, tokenizer: the (unwrapped) policy, a LoRA (peft) one too, and its tokenizer. Only the policy's config
+    and the tokenizer are written (to a temporary folder, by every process: ``save_pretrained`` of a model would
+    write on rank 0 only); vLLM builds the model with placeholder weights (``load_format="dummy"``) and the first
+    ``sync_weights`` fills them. dtype: vLLM's weights/activations ("float32", "bfloat16", ...). max_model_len: prompt +
     response tokens. gpu_memory_utilization: the share of the GPU vLLM may take (weights + KV cache) next to
     the trainer; ignored on a CPU, where the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB, set to
     ``cpu_kv_cache_gb`` when unset). spec: the default spec of ``generate``. gather, synced_gpus: offered to every
@@ -180,9 +200,8 @@ class VLLMEngine:
 
     @torch.no_grad()
     def sync_weights(self, policy: PreTrainedModel) -> None:
-        """Copy the policy's current weights into vLLM (names as in ``state_dict``, which vLLM maps itself)."""
-        weights = ((name, tensor.detach()) for name, tensor in policy.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """Copy the policy's current weights (:func:`synced_weights`) into vLLM, which maps the names itself."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": synced_weights(policy)})
         self.llm.reset_prefix_cache()
 
     def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, spec: SamplingSpec | None = None,
