@@ -862,12 +862,26 @@ class DPOSettings:
 
 
 @dataclass
+class FrontierSettings:  # dpo.yaml frontier: (rlhf.analysis.frontier)
+    num_prompts: int = MISSING
+    samples: int = MISSING
+    prompts: str | None = MISSING  # AUTO = data.source's built-in task (resolve_frontier_defaults)
+    prompt_column: str = MISSING
+    split: str = MISSING
+    gold: str | None = MISSING     # AUTO = that task's gold scorer
+    temperature: float = MISSING
+    max_new_tokens: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
 class DPOConfig:
     seed: int = MISSING
     run_dir: str = MISSING
     model: DPOModelConfig = field(default_factory=DPOModelConfig)
     data: DPODataConfig = field(default_factory=DPODataConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    frontier: FrontierSettings = field(default_factory=FrontierSettings)
     trainer: SupervisedTrainerConfig = field(default_factory=SupervisedTrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -892,4 +906,30 @@ def validate_dpo_config(cfg: DictConfig, world_size: int = 1) -> DictConfig:
     _check(0 <= p.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {p.label_smoothing}")
     _check(p.label_smoothing == 0 or p.loss == "sigmoid", "dpo.label_smoothing",
            f"conservative DPO smooths the sigmoid loss only, not {p.loss!r}; set it to 0")
+    _check_frontier(cfg)
     return cfg
+
+
+def _check_frontier(cfg: DictConfig) -> None:
+    """``frontier``: ``auto`` prompts become the built-in task's that ``data.source`` names (none for a user's
+    data: the measurement is off, and says so), ``auto`` gold that task's gold scorer (none otherwise); a gold path
+    must import."""
+    from rlhf.tasks import builtin_task
+
+    f = cfg.frontier
+    _check(f.num_prompts >= 0, "frontier.num_prompts", "must be >= 0 (0 = off)")
+    _check(f.samples >= 1, "frontier.samples", "must be >= 1")
+    _check(f.temperature > 0, "frontier.temperature", "must be > 0")
+    _check(f.max_new_tokens > 0, "frontier.max_new_tokens", "must be > 0")
+    _check(f.batch_size > 0, "frontier.batch_size", "must be > 0")
+    if f.prompts == AUTO:
+        f.prompts = cfg.data.source if builtin_task(cfg.data.source) else None
+    if f.gold == AUTO:
+        task = builtin_task(f.prompts)
+        f.gold = task["gold"] if task else None
+    if f.gold is not None:
+        import_function(f.gold, "frontier.gold")
+    if f.num_prompts and f.prompts is None and int(os.environ.get("RANK", "0")) == 0:
+        log.info("frontier: data.source %s is not a built-in task, so frontier.prompts=auto names no prompts and "
+                 "the gold-vs-KL measurement is off; set frontier.prompts to a prompt file to turn it on",
+                 cfg.data.source)

@@ -19,7 +19,8 @@ from tests.conftest import compose_config
 
 FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trainer.warmup_steps=0",
         "trainer.max_steps=3", "trainer.eval_every=0", "trainer.log_every=1", "logging.progress=false",
-        "logging.tensorboard=false"]
+        "logging.tensorboard=false", "frontier.num_prompts=0"]
+FRONTIER = ["frontier.num_prompts=16", "frontier.samples=2"]
 
 
 def dpo_cfg(tmp_path, *overrides, name="run"):
@@ -48,6 +49,25 @@ def tok():
 def test_config_errors_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         dpo_cfg(tmp_path, override)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("frontier.num_prompts=-1", r"^frontier\.num_prompts: must be >= 0"),
+    ("frontier.samples=0", r"^frontier\.samples: must be >= 1"),
+    ("frontier.gold=rlhf.tasks.sentiment.no_such_fn", r"^frontier\.gold: "),
+])
+def test_frontier_config_errors_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        dpo_cfg(tmp_path, override)
+
+
+def test_frontier_auto_follows_the_data_source(tmp_path):
+    """auto: the built-in task's prompts and gold scorer; a user's pair file names no prompts, so it is off."""
+    cfg = dpo_cfg(tmp_path, *FRONTIER)
+    assert (cfg.frontier.prompts, cfg.frontier.gold) == ("builtin:sentiment", "rlhf.tasks.sentiment.gold_fn")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", GOOD)
+    cfg = dpo_cfg(tmp_path, *FRONTIER, f"data.source={pairs}", "data.num_eval=0")
+    assert (cfg.frontier.prompts, cfg.frontier.gold) == (None, None)
 
 
 @pytest.mark.parametrize("loss", ["hinge", "ipo"])
@@ -177,6 +197,23 @@ def test_a_short_run_learns_the_builtin_preferences(tmp_path):
     assert "held-out preference accuracy 0.0000 -> " in dpo_summary("sigmoid", history, "f")
 
 
+@pytest.mark.parametrize("lora", [["trainer.lr=1e-2"], ["model.lora.r=4", "trainer.lr=5e-2"]])
+def test_frontier_starts_at_exactly_zero_kl_and_moves_with_the_policy(tmp_path, lora):
+    """Step 0 samples the untouched policy, which is the reference bit for bit (with LoRA: B = 0), so every summed
+    k1 is exactly 0; after the updates the policy's own samples are further from the reference. The measurement is
+    on every evaluation line, the last one included (step max_steps), and the summary reports it."""
+    history = train_dpo(dpo_cfg(tmp_path, "frontier.num_prompts=48", "frontier.samples=4", *lora,
+                                "trainer.max_steps=12", "trainer.eval_every=6"))
+    points = [m for m in history if "frontier/kl" in m]
+    assert [m["step"] for m in points] == [0, 6, 12]
+    assert points[0]["frontier/kl"] == 0.0 and points[0]["frontier/kl_se"] == 0.0
+    # a KL the 48 prompts resolve: more than 3 standard errors above 0
+    assert points[-1]["frontier/kl"] > 3 * points[-1]["frontier/kl_se"] > 0, points[-1]
+    for m in points:
+        assert -3.0 < m["frontier/gold_score"] < 1.0 and 0 < m["frontier/length"] <= 12
+    assert "gold score of its samples" in dpo_summary("sigmoid", history, "f")
+
+
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path):
     """B = 0 at the start, so the adapters change nothing and step 0 is log 2; only the adapters train, and the run
     writes the merged model to final/ and the adapters to adapter/."""
@@ -219,21 +256,25 @@ def test_two_processes_follow_one_process(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        one = train_dpo(validate_dpo_config(compose_config("dpo", [*STAGE_FAST, "trainer.save_every=3"],
+        one = train_dpo(validate_dpo_config(compose_config("dpo", [*STAGE_FAST, *FRONTIER, "trainer.save_every=3"],
                                                           run_dir=str(tmp_path / "one"))))
     finally:
         torch.set_num_threads(threads)
-    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, f"hydra.run.dir={tmp_path / 'two'}"])
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *FRONTIER,
+                    f"hydra.run.dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = metrics(tmp_path / "two")
     assert [m["step"] for m in two] == list(range(7))
     assert one[-1]["eval/loss"] < one[0]["eval/loss"]  # it trained: the comparison is not of two idle runs
+    # frontier/*: each process samples every other prompt, keyed by the prompt's global index, and the per-prompt
+    # means are gathered, so the 2-process measurement is the 1-process one (compared with the rest below)
+    assert one[-1]["frontier/kl"] > 0 and "frontier/kl" in two[-1]
     _assert_same_trajectory(one, two)
     weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in ("one", "two")]
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5)
     # Two processes resume the one-process checkpoint of step 3 and continue its trajectory
-    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, f"hydra.run.dir={tmp_path / 'res'}",
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *FRONTIER, f"hydra.run.dir={tmp_path / 'res'}",
                     f"trainer.resume={tmp_path / 'one' / 'checkpoints' / 'step_3'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_trajectory([m for m in one if m["step"] >= 3], metrics(tmp_path / "res"))

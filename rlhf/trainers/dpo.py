@@ -11,6 +11,9 @@ One DPO run, as data:
     loss                             -> rlhf.core.dpo.DPO_LOSSES[dpo.loss] of PairLogps, mean over the pairs
     metrics                          -> rlhf.core.dpo.pair_metrics: rewards/chosen, rewards/rejected, rewards/margin,
                                         rewards/accuracy, logps/chosen, logps/rejected (train/ and eval/)
+    frontier (at every evaluation)   -> rlhf.analysis.frontier: the policy sampled on held-out prompts, summed k1 KL
+                                        to the reference on its own samples and their gold score (frontier/*), the
+                                        point scripts/report.py puts beside RL and best-of-n
 
 The loop, the optimiser, logging and saving are ``rlhf.trainers.sft.fit``'s; batching of pairs and the held-out
 pass are the reward trainer's (``batch_scores``, ``dataset_scores``). The model goes to ``<run_dir>/final``, which
@@ -21,19 +24,24 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import datasets
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
 
 from rlhf.core.dpo import DPO_LOSSES, PairLogps, pair_metrics
 from rlhf.core.logprobs import selective_log_softmax
+from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.backend import DistributedBackend
-from rlhf.trainers.reward import batch_scores, dataset_scores, encode_pairs
-from rlhf.trainers.sft import FINAL_DIR, Batch, fit, run_stage, save_trained, with_lora
+from rlhf.trainers.reward import batch_scores, dataset_scores, encode_pairs, unstride
+from rlhf.trainers.sft import FINAL_DIR, Batch, fit, run_stage, save_trained, strided_rows, with_lora
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +159,15 @@ def _train_dpo(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     train = encode_pairs(train_rows, tokenizer, d.max_length, completion_only=True)
     held_out = encode_pairs(eval_rows, tokenizer, d.max_length, completion_only=True) \
         if eval_rows is not None else None
+    frontier = load_frontier(cfg)
     policy, reference = load_policy_and_reference(cfg, tokenizer)                           # 2. models
     reference.to(backend.device)
     if held_out is not None:  # the held-out reference log-probs never change: always once
         held_out = with_reference_logps(held_out, reference, t.eval_batch_size, backend)
+    frontier_reference = reference.model if frontier is not None else None
     if cfg.dpo.precompute_ref:
         train = with_reference_logps(train, reference, t.eval_batch_size, backend)
-        reference = None  # a full copy is freed here; a LoRA reference is a view of the policy
+        reference = None  # a full copy is freed here unless the frontier keeps it; a LoRA reference is a view
 
     def batch_loss(module: nn.Module, batch: Batch):
         logps = batch_scores(module, batch)
@@ -169,7 +179,11 @@ def _train_dpo(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
         return dpo_loss(pair_logps(logps, ref), cfg.dpo)
 
     def evaluate(module: nn.Module) -> dict[str, float]:
-        return evaluate_dpo(module, held_out, cfg, backend) if held_out is not None else {}
+        metrics = evaluate_dpo(module, held_out, cfg, backend) if held_out is not None else {}
+        if frontier is not None:
+            metrics.update(frontier_eval(backend.unwrap(module).model, frontier_reference, tokenizer, frontier,
+                                         cfg, backend))
+        return metrics
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, policy, train, batch_loss, evaluate,                        # 3. train
@@ -179,12 +193,64 @@ def _train_dpo(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     return history
 
 
+# ---------------------------------------------------------------------- the frontier
+class Frontier(NamedTuple):
+    """What ``frontier_eval`` samples: the held-out prompts, the gold scorer and the sampling distribution."""
+
+    prompts: list[str]
+    gold_fn: Callable | None
+    spec: SamplingSpec
+
+
+def load_frontier(cfg: DictConfig) -> Frontier | None:
+    """The ``frontier`` section's prompts, gold scorer and sampling spec; None when it is off (``num_prompts`` 0 or
+    no prompts)."""
+    from rlhf.config import import_function
+    from rlhf.data import load_prompts
+
+    f = cfg.frontier
+    if not f.num_prompts or f.prompts is None:
+        return None
+    prompts = load_prompts(f.prompts, column=f.prompt_column, split=f.split, n=f.num_prompts, seed=cfg.seed)
+    gold_fn = import_function(f.gold, "frontier.gold") if f.gold is not None else None
+    spec = SamplingSpec(temperature=f.temperature, max_new_tokens=f.max_new_tokens, sampler="counter")
+    return Frontier(prompts, gold_fn, spec)
+
+
+def frontier_eval(policy: nn.Module, reference: nn.Module, tokenizer, frontier: Frontier, cfg: DictConfig,
+                  backend: DistributedBackend) -> dict[str, float]:
+    """``frontier/*`` metrics (rlhf.analysis.frontier) of the causal LM ``policy`` against ``reference``: each
+    process samples every ``num_processes``-th prompt (keyed by the prompt's global index, so the samples do not
+    depend on the process count) and the per-prompt means are gathered."""
+    from rlhf.analysis.frontier import PER_PROMPT, frontier_metrics, prompt_means
+
+    n = len(frontier.prompts)
+    mine = strided_rows(n, backend.process_index, backend.num_processes).tolist()
+    per_prompt = prompt_means(policy, reference, tokenizer, [frontier.prompts[i] for i in mine], mine,
+                              frontier.spec, samples=cfg.frontier.samples, seed=cfg.seed, gold_fn=frontier.gold_fn,
+                              gold_name=cfg.frontier.gold or "gold", batch_size=cfg.frontier.batch_size)
+    if backend.num_processes > 1:
+        per = math.ceil(n / backend.num_processes)
+        padded = F.pad(per_prompt.to(backend.device), (0, 0, 0, per - per_prompt.shape[0])).contiguous()
+        per_prompt = unstride(backend.gather(padded), backend.num_processes, n).cpu()
+    assert per_prompt.shape == (n, len(PER_PROMPT))
+    return frontier_metrics(per_prompt)
+
+
 def dpo_summary(loss: str, history: list[dict], folder: str) -> str:
-    """The one-line result of a DPO run: held-out preference accuracy and margin before -> after, and the folder."""
+    """The one-line result of a DPO run: held-out preference accuracy and margin before -> after, the frontier
+    measurement (gold score before -> after, KL to the reference) when on, and the folder."""
     evals = [m for m in history if "eval/rewards/accuracy" in m]
-    if not evals:
-        return f"DPO ({loss}) done; model saved to {folder}"
-    first, last = evals[0], evals[-1]
-    return (f"DPO ({loss}) done: held-out preference accuracy {first['eval/rewards/accuracy']:.4f} -> "
-            f"{last['eval/rewards/accuracy']:.4f}, reward margin {first['eval/rewards/margin']:.4f} -> "
-            f"{last['eval/rewards/margin']:.4f}; model saved to {folder}")
+    parts = []
+    if evals:
+        first, last = evals[0], evals[-1]
+        parts.append(f"held-out preference accuracy {first['eval/rewards/accuracy']:.4f} -> "
+                     f"{last['eval/rewards/accuracy']:.4f}, reward margin {first['eval/rewards/margin']:.4f} -> "
+                     f"{last['eval/rewards/margin']:.4f}")
+    points = [m for m in history if "frontier/kl" in m]
+    if points:
+        first, last = points[0], points[-1]
+        gold = (f"gold score of its samples {first['frontier/gold_score']:+.4f} -> {last['frontier/gold_score']:+.4f}"
+                f", " if "frontier/gold_score" in last else "")
+        parts.append(f"{gold}KL to the reference {last['frontier/kl']:.3f} nats")
+    return f"DPO ({loss}) done" + (": " + "; ".join(parts) if parts else "") + f"; model saved to {folder}"
