@@ -173,11 +173,22 @@ def load_run(job_dir: str, sweep_dir: str) -> Run:
 
 
 def collect_runs(sweep_dir: str) -> list[Run]:
-    """Every job of the sweep, finished or not. Raises ValueError when there is none."""
-    runs = [load_run(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
-    if not runs:
+    """Every RL job of the sweep, finished or not (DPO jobs are rlhf.analysis.methods'). Raises ConfigError when
+    the sweep holds no job at all."""
+    return collect_jobs(sweep_dir)[0]
+
+
+def collect_jobs(sweep_dir: str) -> tuple[list[Run], list]:
+    """The sweep's RL runs and its DPO runs (``rlhf.analysis.methods.DirectRun``), finished or not. Raises
+    ConfigError when there is no job folder."""
+    from rlhf.analysis.methods import is_direct_job, load_direct_run
+
+    dirs = find_job_dirs(sweep_dir)
+    if not dirs:
         raise ConfigError(f"sweep_dir: no job folder (with .hydra/config.yaml) under {sweep_dir!r}")
-    return runs
+    direct = [is_direct_job(d) for d in dirs]
+    return ([load_run(d, sweep_dir) for d, x in zip(dirs, direct) if not x],
+            [load_direct_run(d, sweep_dir) for d, x in zip(dirs, direct) if x])
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -678,29 +689,37 @@ def plot_bon_vs_rl(trajs: Sequence[Trajectory], rl_fit: FrontierFit, axis: str, 
 # ---------------------------------------------------------------------------------------------------- report
 class Report(NamedTuple):
     runs: list[Run]
-    rows: list[dict]            # one per run (report.csv)
-    groups: list[dict]          # one per swept value, finished runs only
+    rows: list[dict]            # one per RL run (report.csv)
+    groups: list[dict]          # one per swept value, finished RL runs only
     summary: list[str]          # the sentences printed and put at the top of report.md
     files: list[str]            # everything written
+    direct: list = []           # the DPO runs (rlhf.analysis.methods.DirectRun)
+    direct_rows: list[dict] = []  # one per DPO run (dpo.csv)
 
 
 def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_budget: float | None = None,
                  bon_path: str | None = None) -> Report:
-    """Collect the sweep, write report.csv, report.md and the PNG plots into ``out_dir``."""
+    """Collect the sweep, write report.csv, report.md and the PNG plots into ``out_dir``; with DPO jobs in the sweep
+    also dpo.csv and the three-way frontier (rlhf.analysis.methods)."""
     from rlhf.analysis.best_of_n import mean_over_seeds, read_bon_csv
+    from rlhf.analysis.methods import direct_section
 
-    runs = collect_runs(sweep_dir)
+    runs, direct = collect_jobs(sweep_dir)
     axis = sweep_axis(runs)
     gold = has_gold(runs)
     metric = "gold_score" if gold else "score"
     rows = [run_row(r, axis, window) for r in runs]
     groups = group_rows(rows, axis)
     os.makedirs(out_dir, exist_ok=True)
-    files = [write_csv(rows, os.path.join(out_dir, "report.csv"))]
-    summary = summary_lines(runs, groups, axis, gold, kl_budget)
+    files = [write_csv(rows, os.path.join(out_dir, "report.csv"))] if rows else []
+    summary = summary_lines(runs, groups, axis, gold, kl_budget) if runs else []
+    if bon_path is None and os.path.exists(os.path.join(sweep_dir, "best_of_n.csv")):
+        bon_path = os.path.join(sweep_dir, "best_of_n.csv")
+    bon = mean_over_seeds(read_bon_csv(bon_path)) if bon_path is not None else None
 
     fit_lines: list[str] = []
     images: list[tuple[str, str]] = []
+    trajs: list[Trajectory] = []
     if groups:
         if any(r["status"] == "finished" and math.isfinite(r["kl"]) for r in rows):
             images.append(("Reward-KL frontier", plot_frontier(
@@ -713,11 +732,6 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
             images.append(("Proxy vs gold score (over-optimisation)", plot_overoptimisation(
                 trajectories(runs, axis, "score", window), trajs, axis,
                 os.path.join(out_dir, "overoptimisation.png"), colours)))
-        bon = None
-        if bon_path is None and os.path.exists(os.path.join(sweep_dir, "best_of_n.csv")):
-            bon_path = os.path.join(sweep_dir, "best_of_n.csv")
-        if bon_path is not None:
-            bon = mean_over_seeds(read_bon_csv(bon_path))
         d = np.concatenate([t.d for t in trajs]) if trajs else np.zeros(0)
         if d.size >= 2:
             rl_fit = fit_frontier(d, np.concatenate([t.gain for t in trajs]), "rl")
@@ -731,9 +745,14 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
                 trajs, rl_fit, axis, os.path.join(out_dir, "frontier_fit.png"), bon, bon_fit, metric,
                 colours)))
     files += [p for _, p in images]
+    section = None
+    if direct:  # RL points join the comparison only when they are gold scores, as DPO's and best-of-n's are
+        section = direct_section(direct, trajs if gold else [], bon, out_dir, axis, kl_budget)
+        files += section.files
     files.append(_write_markdown(os.path.join(out_dir, "report.md"), sweep_dir, axis, gold, window, runs, rows,
-                                 groups, summary, fit_lines, images, bon))
-    return Report(runs, rows, groups, summary + fit_lines, files)
+                                 groups, summary, fit_lines, images, bon, section))
+    return Report(runs, rows, groups, summary + fit_lines + (section.lines if section else []), files,
+                  direct, section.rows if section else [])
 
 
 def summary_lines(runs: list, groups: list[dict], axis: str, gold: bool, kl_budget: float | None) -> list[str]:
@@ -765,15 +784,17 @@ def _fit_line(name: str, fit: FrontierFit, points: str) -> str:
 
 
 def _write_markdown(path, sweep_dir, axis, gold, window, runs, rows, groups, summary, fit_lines, images,
-                    bon) -> str:
+                    bon, section=None) -> str:
     finished = sum(r.finished for r in runs)
     name = "β (`kl.beta`)" if axis == "beta" else "KL target (`kl.target`, adaptive controller)"
-    parts = [f"# Sweep report: `{sweep_dir}`", "",
-             f"Swept: {name}. {len(runs)} runs, {finished} finished. \"Final\" = mean over the last {window} "
-             "logged steps; ± is the sample standard deviation over seeds. KL is k1 summed over the response, in "
-             "nats per sequence.", "", "## Summary", "", *[f"- {s}" for s in summary], ""]
-    parts += ["## Mean ± std over seeds", "", group_table(groups, axis, gold) if groups else "No finished run.", ""]
-    parts += ["## Runs", "", run_table(rows, axis, gold), ""]
+    parts = [f"# Sweep report: `{sweep_dir}`", ""]
+    if runs:
+        parts += [f"Swept: {name}. {len(runs)} RL runs, {finished} finished. \"Final\" = mean over the last "
+                  f"{window} logged steps; ± is the sample standard deviation over seeds. KL is k1 summed over the "
+                  "response, in nats per sequence.", "", "## Summary", "", *[f"- {s}" for s in summary], ""]
+        parts += ["## Mean ± std over seeds", "", group_table(groups, axis, gold) if groups else "No finished run.",
+                  ""]
+        parts += ["## Runs", "", run_table(rows, axis, gold), ""]
     if fit_lines:
         parts += ["## Frontier fits (Gao et al. 2022)", "",
                   f"d = sqrt(KL); gain = {'gold score' if gold else 'score'} minus its step-0 value (RL, per seed) "
@@ -786,6 +807,8 @@ def _write_markdown(path, sweep_dir, axis, gold, window, runs, rows, groups, sum
                                    f"{r['gold']:.3f}", f"{r['gain']:+.3f}"] for r in bon]), ""]
     for title, img in images:
         parts += [f"### {title}", "", f"![{title}]({os.path.basename(img)})", ""]
+    if section is not None:
+        parts += section.markdown
     with open(path, "w") as f:
         f.write("\n".join(parts))
     return path
