@@ -20,6 +20,7 @@ from rlhf.analysis.methods import (
     mean_points,
 )
 from rlhf.analysis.report import collect_jobs, write_report
+from rlhf.config import ConfigError
 from tests.conftest import run_script
 from tests.test_report import _assert_png, _fake_job, _read_csv
 
@@ -47,8 +48,10 @@ def test_dpo_jobs_are_told_apart_and_their_final_point_is_read(tmp_path):
     _fake_dpo_job(tmp_path, "dpo/0_dpo_beta=0.1_seed=0", 0.1, 0, [-1.0, -0.5, -0.2], [0.0, 2.0, 3.0])
     _fake_dpo_job(tmp_path, "dpo/1_dpo_beta=0.3_seed=0", 0.3, 0, [-1.0, -0.9], [0.0, 0.5])  # stopped at step 2
     _fake_dpo_job(tmp_path, "dpo/2_dpo_beta=1_seed=0", 1.0, 0, [-1.0, -0.9, -0.8], [0.0, 0.5, 0.6], final=False)
-    rl, direct = collect_jobs(str(tmp_path))
-    assert [r.name for r in rl] == ["rl/0_beta=0.1_seed=0"]
+    (tmp_path / "reward" / ".hydra").mkdir(parents=True)  # a reward stage's folder: neither kind, left out
+    (tmp_path / "reward" / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"objective": "pairwise"}))
+    rl, direct, others = collect_jobs(str(tmp_path))
+    assert [r.name for r in rl] == ["rl/0_beta=0.1_seed=0"] and others == ["reward"]
     assert [(r.name, r.finished) for r in direct] == [("dpo/0_dpo_beta=0.1_seed=0", True),
                                                       ("dpo/1_dpo_beta=0.3_seed=0", False),
                                                       ("dpo/2_dpo_beta=1_seed=0", False)]
@@ -115,6 +118,10 @@ def test_report_of_a_dpo_sweep_alone(tmp_path, capsys):
     assert not (tmp_path / "out" / "report.csv").exists() and report.runs == []
     assert "DPO at 4 nats" in report.summary[-1]  # its one point (KL 3) is first within the budget of 4
     assert "## DPO beside RL and best-of-n" in (tmp_path / "out" / "report.md").read_text()
+    (tmp_path / "only_reward" / "r" / ".hydra").mkdir(parents=True)
+    (tmp_path / "only_reward" / "r" / ".hydra" / "config.yaml").write_text("objective: pairwise\n")
+    with pytest.raises(ConfigError, match=r"^sweep_dir: .* holds no policy or DPO run, only r$"):
+        write_report(str(tmp_path / "only_reward"), str(tmp_path / "out2"))
 
 
 @pytest.mark.slow

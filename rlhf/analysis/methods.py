@@ -74,12 +74,6 @@ class DirectRun:
         return [m for m in self.metrics if math.isfinite(m.get("frontier/kl", math.nan))]
 
 
-def is_direct_job(job_dir: str) -> bool:
-    """True when the job's saved config is a DPO run's (it has a ``dpo`` section)."""
-    with open(os.path.join(job_dir, ".hydra", "config.yaml")) as f:
-        return "dpo" in (yaml.safe_load(f) or {})
-
-
 def load_direct_run(job_dir: str, sweep_dir: str) -> DirectRun:
     with open(os.path.join(job_dir, ".hydra", "config.yaml")) as f:
         config = yaml.safe_load(f)

@@ -178,17 +178,26 @@ def collect_runs(sweep_dir: str) -> list[Run]:
     return collect_jobs(sweep_dir)[0]
 
 
-def collect_jobs(sweep_dir: str) -> tuple[list[Run], list]:
-    """The sweep's RL runs and its DPO runs (``rlhf.analysis.methods.DirectRun``), finished or not. Raises
-    ConfigError when there is no job folder."""
-    from rlhf.analysis.methods import is_direct_job, load_direct_run
+def job_kind(job_dir: str) -> str:
+    """``"rl"`` (scripts/train_policy.py: a ``kl`` section), ``"dpo"`` (a ``dpo`` section) or ``"other"`` (an SFT
+    or reward stage's folder, which a report has nothing to plot from)."""
+    with open(os.path.join(job_dir, ".hydra", "config.yaml")) as f:
+        config = yaml.safe_load(f) or {}
+    return "dpo" if "dpo" in config else "rl" if "kl" in config else "other"
+
+
+def collect_jobs(sweep_dir: str) -> tuple[list[Run], list, list[str]]:
+    """The sweep's RL runs, its DPO runs (``rlhf.analysis.methods.DirectRun``), finished or not, and the names of
+    the other job folders (SFT, reward), which are left out. Raises ConfigError when there is no job folder."""
+    from rlhf.analysis.methods import load_direct_run
 
     dirs = find_job_dirs(sweep_dir)
     if not dirs:
         raise ConfigError(f"sweep_dir: no job folder (with .hydra/config.yaml) under {sweep_dir!r}")
-    direct = [is_direct_job(d) for d in dirs]
-    return ([load_run(d, sweep_dir) for d, x in zip(dirs, direct) if not x],
-            [load_direct_run(d, sweep_dir) for d, x in zip(dirs, direct) if x])
+    kinds = [job_kind(d) for d in dirs]
+    return ([load_run(d, sweep_dir) for d, k in zip(dirs, kinds) if k == "rl"],
+            [load_direct_run(d, sweep_dir) for d, k in zip(dirs, kinds) if k == "dpo"],
+            [os.path.relpath(d, sweep_dir) for d, k in zip(dirs, kinds) if k == "other"])
 
 
 # ---------------------------------------------------------------------------------------------------- tables
@@ -704,7 +713,9 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     from rlhf.analysis.best_of_n import mean_over_seeds, read_bon_csv
     from rlhf.analysis.methods import direct_section
 
-    runs, direct = collect_jobs(sweep_dir)
+    runs, direct, others = collect_jobs(sweep_dir)
+    if not runs and not direct:
+        raise ConfigError(f"sweep_dir: {sweep_dir!r} holds no policy or DPO run, only {', '.join(others)}")
     axis = sweep_axis(runs)
     gold = has_gold(runs)
     metric = "gold_score" if gold else "score"
@@ -713,6 +724,9 @@ def write_report(sweep_dir: str, out_dir: str, window: int = DEFAULT_WINDOW, kl_
     os.makedirs(out_dir, exist_ok=True)
     files = [write_csv(rows, os.path.join(out_dir, "report.csv"))] if rows else []
     summary = summary_lines(runs, groups, axis, gold, kl_budget) if runs else []
+    if others:
+        summary.append(f"Left out {len(others)} job folders that are neither policy nor DPO runs: "
+                       f"{', '.join(others)}.")
     if bon_path is None and os.path.exists(os.path.join(sweep_dir, "best_of_n.csv")):
         bon_path = os.path.join(sweep_dir, "best_of_n.csv")
     bon = mean_over_seeds(read_bon_csv(bon_path)) if bon_path is not None else None
