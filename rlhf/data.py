@@ -274,15 +274,21 @@ def load_preferences(
 ) -> datasets.Dataset:
     """Preference pairs with columns ``prompt``, ``chosen``, ``rejected`` (+ ``margin`` if asked).
 
-    ``options`` go to a built-in generator (e.g. ``temperature``).
+    Either every cell is a non-empty string, or every cell is a conversation (TRL's conversational format): the
+    prompt a list of ``{"role": str, "content": str}`` messages (a system turn, a user turn, earlier turns), chosen
+    and rejected each the list of the assistant turn(s) that follow it. Row 0 of the prompt column decides which;
+    a cell of the other kind is a DataError naming its column and row. ``render_conversational`` turns
+    conversational pairs into strings with a tokenizer's chat template. ``options`` go to a built-in generator
+    (e.g. ``temperature``).
     """
     table = load_table(source, "preferences", split, n, seed, **options)
     mapping = {prompt_column: "prompt", chosen_column: "chosen", rejected_column: "rejected"}
     if margin_column is not None:
         mapping[margin_column] = "margin"
     _require_columns(table, source, list(mapping))
+    conversational = isinstance(table[prompt_column][0], list)
     for column in (prompt_column, chosen_column, rejected_column):
-        _check_strings(table, source, column)
+        _check_pair_cells(table, source, column, conversational, prompt_column)
     if margin_column is None:
         return _normalize(table, mapping)
     margins = _check_numbers(table, source, margin_column)
@@ -290,14 +296,80 @@ def load_preferences(
     return _normalize(table, mapping).add_column("margin", margins, feature=datasets.Value("float64"))
 
 
+def _check_pair_cells(table: datasets.Dataset, source: str, column: str, conversational: bool,
+                      prompt_column: str) -> None:
+    """Every cell of ``column`` a non-empty string, or with ``conversational`` a non-empty list of messages; a cell of
+    the other kind says that the pairs mix the two formats."""
+    kind = "a list of messages" if conversational else "a string"
+    for row, value in enumerate(table[column]):
+        if isinstance(value, list) != conversational and isinstance(value, (list, str)):
+            raise DataError(f"{source!r} column {column!r} row {row} (0-based): expected {kind} as row 0 of column "
+                            f"{prompt_column!r} holds, got {value!r}; give every prompt, chosen and rejected as "
+                            "strings, or every one as a list of messages")
+        if not conversational and (not isinstance(value, str) or not value.strip()):
+            raise DataError(f"{source!r} column {column!r} row {row} (0-based): expected a non-empty string, got "
+                            f"{value!r}")
+        if conversational and not _is_messages(value):
+            raise DataError(f"{source!r} column {column!r} row {row} (0-based): expected a non-empty list of "
+                            f"{{'role': str, 'content': str}}, got {value!r}")
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def is_conversational(table: datasets.Dataset) -> bool:
+    """True for pairs of ``load_preferences`` given as lists of messages (their prompt column holds lists)."""
+    return len(table) > 0 and isinstance(table["prompt"][0], list)
+
+
+def render_conversational(table: datasets.Dataset, tokenizer, source: str) -> datasets.Dataset:
+    """Conversational pairs (``load_preferences``) as strings, rendered by the tokenizer's chat template as TRL does.
+
+    ``prompt``: the prompt messages with the generation prompt (the assistant's header), the text a policy is
+    sampled from (rlhf.chat.format_prompts renders plain prompts the same way). ``chosen`` / ``rejected``: the
+    whole conversation (prompt + that side's turns) rendered, minus the rendered prompt: the assistant's text and the
+    template's end-of-turn. Tokenize them with ``tokenize_sft(..., chat=True)``. A template that does not render
+    the prompt as a prefix of the conversation, or a tokenizer without a template, is a one-line DataError.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"{source!r} holds conversational pairs (lists of messages), but the tokenizer {name} has no "
+                        "chat template to render them; set model.tokenizer to one that has, or give the pairs as "
+                        "strings")
+    out: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    for row, example in enumerate(table):
+        prompt = _render(tokenizer, example["prompt"], True)
+        out["prompt"].append(prompt)
+        for side in ("chosen", "rejected"):
+            whole = _render(tokenizer, example["prompt"] + example[side], False)
+            if not whole.startswith(prompt):
+                raise DataError(f"{source!r} row {row} (0-based): the chat template renders prompt + {side} as "
+                                f"{whole!r}, which does not start with the prompt it renders with the generation "
+                                f"prompt, {prompt!r}; the {side} completion cannot be cut from it")
+            out[side].append(whole[len(prompt):])
+    if "margin" in table.column_names:
+        out["margin"] = list(table["margin"])
+    return datasets.Dataset.from_dict(out, features=datasets.Features(
+        {name: datasets.Value("float64" if name == "margin" else "string") for name in out}))
+
+
 def check_distinct_pairs(table: datasets.Dataset, source: str, chosen_column: str = "chosen",
                          rejected_column: str = "rejected") -> None:
     """A DataError naming the first row whose two completions are the same text (such a pair says nothing about
     which is preferred, and its DPO margin is 0 whatever the model). ``table`` has normalized columns."""
     for row, (chosen, rejected) in enumerate(zip(table["chosen"], table["rejected"])):
-        if chosen.strip() == rejected.strip():
+        if _stripped(chosen) == _stripped(rejected):
             raise DataError(f"{source!r} row {row} (0-based): columns {chosen_column!r} and {rejected_column!r} hold "
                             f"the same text {chosen!r}; a pair needs two different completions")
+
+
+def _stripped(completion: str | list[dict]) -> str | list[tuple[str, str]]:
+    """A completion compared without its surrounding whitespace (a string, or each message's content)."""
+    if isinstance(completion, str):
+        return completion.strip()
+    return [(m["role"], m["content"].strip()) for m in completion]
 
 
 def load_scalar(
@@ -322,7 +394,8 @@ def load_scalar(
 
 
 def tokenize_sft(
-    dataset: datasets.Dataset, tokenizer, max_length: int, completion_only: bool = True, add_eos: bool = True
+    dataset: datasets.Dataset, tokenizer, max_length: int, completion_only: bool = True, add_eos: bool = True,
+    chat: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Token ids and masks for SFT, right-padded to the longest row (at most ``max_length``).
 
@@ -337,6 +410,12 @@ def tokenize_sft(
     appends EOS to ``prompt``/``completion`` and ``text`` rows so the model learns to stop (chat
     templates end each turn themselves). Rows are cut at ``max_length``; rows left with no target
     token are dropped with a warning.
+
+    ``chat``: ``prompt``/``completion`` rows rendered by a chat template (``render_conversational``). The
+    prompt is then tokenized without the tokenizer's special tokens (the template wrote its own, as
+    rlhf.chat does for sampling), the completion follows it as it is (the generation prompt ends exactly
+    where the assistant's text starts: a joining space would be a token the model never sees there) and
+    no EOS is added (the completion ends with the template's end-of-turn).
     """
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
@@ -348,6 +427,8 @@ def tokenize_sft(
     for example in dataset:
         if "messages" in columns:
             ids, mask = _tokenize_messages(example["messages"], tokenizer)
+        elif "prompt" in columns and "completion" in columns and chat:
+            ids, mask = _tokenize_rendered(example["prompt"], example["completion"], tokenizer)
         elif "prompt" in columns and "completion" in columns:
             ids, mask = _tokenize_prompt_completion(example["prompt"], example["completion"], tokenizer)
             ids, mask = ids + eos, mask + [1] * len(eos)
@@ -376,6 +457,12 @@ def _tokenize_prompt_completion(prompt: str, completion: str, tokenizer) -> tupl
     sep = "" if prompt[-1:].isspace() or completion[:1].isspace() else " "
     prompt_ids = tokenizer(prompt)["input_ids"]
     completion_ids = tokenizer(sep + completion, add_special_tokens=False)["input_ids"]
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+def _tokenize_rendered(prompt: str, completion: str, tokenizer) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 

@@ -1,7 +1,9 @@
 """One rank of the FSDP2 tests on the CPU, started by `accelerate launch` (pytest does not collect this file).
 
     python -m accelerate.commands.launch --config_file configs/accelerate/cpu_2proc.yaml \
-        tests/fsdp2_worker.py <run_dir> <hydra overrides...>
+        tests/fsdp2_worker.py [--dpo] <run_dir> <hydra overrides...>
+
+(``--dpo``: the DPO stage, configs/dpo.yaml; else the policy trainer, configs/policy.yaml.)
 
 accelerate builds FSDP only on GPU processes, yet torch's ``fully_shard`` runs on gloo CPU processes too. So this
 worker makes the CPU Accelerator, then switches its state to FSDP2 with the ``fsdp_config`` of
@@ -33,13 +35,10 @@ def fsdp2_plugin():
         activation_checkpointing=fsdp["fsdp_activation_checkpointing"])
 
 
-def main(run_dir: str, overrides: list[str]) -> None:
+def fsdp2_accelerator():
+    """A CPU Accelerator switched to FSDP2 with configs/accelerate/fsdp2.yaml's settings."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedType
-
-    from rlhf.config import validate_policy_config
-    from rlhf.trainers.policy import PolicyTrainer
-    from tests.conftest import compose_policy
 
     acc = Accelerator(cpu=True)
     # Both shared states: every AcceleratorState() made later (accelerate makes them in its ops) copies PartialState's.
@@ -47,6 +46,35 @@ def main(run_dir: str, overrides: list[str]) -> None:
     acc.state.distributed_type = DistributedType.FSDP
     acc.state.fsdp_plugin = fsdp2_plugin()
     assert acc.is_fsdp2
+    return acc
+
+
+def main_dpo(run_dir: str, overrides: list[str]) -> None:
+    """The DPO stage (rlhf.trainers.dpo.train_dpo) under FSDP2; the module ``fit`` prepares must come back sharded."""
+    from rlhf.config import validate_dpo_config
+    from rlhf.trainers.dpo import train_dpo
+    from tests.conftest import compose_config
+
+    acc = fsdp2_accelerator()
+    prepare, sharded = acc.prepare, []
+
+    def recording_prepare(*args):
+        prepared = prepare(*args)
+        sharded.append(type(next(prepared[0].parameters())).__name__)
+        return prepared
+
+    acc.prepare = recording_prepare
+    train_dpo(validate_dpo_config(compose_config("dpo", overrides, run_dir=run_dir), world_size=acc.num_processes),
+              accelerator=acc)
+    assert sharded == ["DTensor"], f"the DPO policy was not sharded: its parameters are {sharded}"
+
+
+def main(run_dir: str, overrides: list[str]) -> None:
+    from rlhf.config import validate_policy_config
+    from rlhf.trainers.policy import PolicyTrainer
+    from tests.conftest import compose_policy
+
+    acc = fsdp2_accelerator()
     cfg = validate_policy_config(compose_policy(overrides, run_dir=run_dir), world_size=acc.num_processes)
     trainer = PolicyTrainer(cfg, accelerator=acc)
     for name, model in (("policy", trainer.policy), ("critic", trainer.critic)):
@@ -59,5 +87,8 @@ def main(run_dir: str, overrides: list[str]) -> None:
 if __name__ == "__main__":
     from rlhf.runtime.accelerator import shutdown_distributed
 
-    main(sys.argv[1], sys.argv[2:])
+    if sys.argv[1] == "--dpo":
+        main_dpo(sys.argv[2], sys.argv[3:])
+    else:
+        main(sys.argv[1], sys.argv[2:])
     shutdown_distributed()

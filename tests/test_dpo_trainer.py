@@ -21,6 +21,10 @@ FAST = ["data.num_train=256", "data.num_eval=64", "trainer.batch_size=16", "trai
         "trainer.max_steps=3", "trainer.eval_every=0", "trainer.log_every=1", "logging.progress=false",
         "logging.tensorboard=false", "frontier.num_prompts=0"]
 FRONTIER = ["frontier.num_prompts=16", "frontier.samples=2"]
+# The multi-process runs: STAGE_FAST (tests/test_distributed.py) with the frontier, and 65 held-out pairs in batches of
+# 32, which 2 processes split into 33 and 32 rows: under FSDP2 (every forward a collective) the one with 32 must still
+# run a second forward pass (rlhf.trainers.reward.dataset_scores); without it the FSDP2 run below fails
+UNEVEN = [*FRONTIER, "data.num_eval=65", "trainer.eval_batch_size=32"]
 
 
 def dpo_cfg(tmp_path, *overrides, name="run"):
@@ -100,6 +104,165 @@ def test_data_errors_name_the_file_and_row_before_any_model_loads(tmp_path, rows
         train_dpo(cfg)
     assert "train.jsonl" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "run" / "final").exists()
+
+
+# --- conversational pairs (TRL's format): rendered by the chat template, joined as rendered text ---
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""A template with no whitespace between a header and its text, as several real ones have: a joining space after
+the generation prompt would be a token of its own."""
+CHARS = "abcdefghijklmnopqrstuvwxyz ."  # ids 7..34 (a = 7, space = 33, "." = 34)
+
+
+def char_tokenizer(template=CHAT_TEMPLATE):
+    """One token per character (so a stray space is visible as id 33), built in memory: <pad> 0, <s> 1, </s> 2,
+    <unk> 3, <|system|> 4, <|user|> 5, <|assistant|> 6, then CHARS. Its post-processor adds BOS, as Llama's does, and
+    the template writes BOS itself (tests/test_chat.py's case)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + list(CHARS))}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens=special[4:], chat_template=template,
+                                   clean_up_tokenization_spaces=False)
+
+
+CONVERSATION = {"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "ok."}],
+                "rejected": [{"role": "assistant", "content": "no"}]}
+# <s> <|system|> b e ' ' b r i e f </s> <|user|> h i </s> <|assistant|>: 16 tokens, one BOS (the template's)
+PROMPT_IDS = [1, 4, 8, 11, 33, 8, 24, 15, 11, 12, 2, 5, 14, 15, 2, 6]
+
+
+def test_a_conversational_pair_encodes_as_its_rendered_conversation():
+    """The prompt is rendered with the generation prompt; each completion is the rest of the whole conversation's
+    rendering: the assistant's text and the template's end-of-turn </s>, which the loss mask covers exactly. The
+    tokens are those of the whole conversation tokenized at once, and those of the same pair given as strings
+    rendered by hand."""
+    from rlhf.data import render_conversational
+    from rlhf.trainers.dpo import encode_split
+
+    tok = char_tokenizer()
+    enc = encode_split(datasets.Dataset.from_list([CONVERSATION]), tok, "pairs.jsonl", 64)
+    # chosen: o k . </s>; rejected: n o </s>, then padding
+    assert enc["input_ids"][0].tolist() == [PROMPT_IDS + [21, 17, 34, 2], PROMPT_IDS + [20, 21, 2, 0]]
+    assert enc["loss_mask"][0].tolist() == [[0] * 16 + [1, 1, 1, 1], [0] * 16 + [1, 1, 1, 0]]
+    assert enc["attention_mask"][0].tolist() == [[1] * 20, [1] * 19 + [0]]
+    whole = tok.apply_chat_template(CONVERSATION["prompt"] + CONVERSATION["chosen"], tokenize=True)["input_ids"]
+    assert enc["input_ids"][0, 0].tolist() == whole
+
+    by_hand = {"prompt": "<s><|system|>be brief</s><|user|>hi</s><|assistant|>", "chosen": "ok.</s>",
+               "rejected": "no</s>"}
+    assert render_conversational(datasets.Dataset.from_list([CONVERSATION]), tok, "pairs.jsonl")[0] == by_hand
+    strings = encode_pairs(datasets.Dataset.from_list([by_hand]), tok, 64, completion_only=True, chat=True)
+    assert strings.keys() == enc.keys() and all(torch.equal(strings[k], enc[k]) for k in enc)
+    # What the plain join (prompt + " " + completion + EOS, the prompt with the tokenizer's own BOS) would train on:
+    # a second BOS, a space the sampled policy never sees after <|assistant|>, and EOS twice
+    plain = encode_pairs(datasets.Dataset.from_list([by_hand]), tok, 64, completion_only=True)
+    assert plain["input_ids"][0, 0].tolist() == [1] + PROMPT_IDS + [33, 21, 17, 34, 2, 2]
+
+
+def test_conversational_rows_cut_at_max_length_warn_and_keep_their_first_tokens():
+    """20 tokens into max_length 18: the chosen row is cut after "o k" (a warning counts it), the rejected one after
+    "n o" (its </s> is the 19th token, so it is cut too)."""
+    from rlhf.trainers.dpo import encode_split
+
+    with pytest.warns(UserWarning, match="^2 rows were cut at data.max_length=18"):
+        enc = encode_split(datasets.Dataset.from_list([CONVERSATION]), char_tokenizer(), "pairs.jsonl", 18)
+    assert enc["input_ids"][0].tolist() == [PROMPT_IDS + [21, 17], PROMPT_IDS + [20, 21]]
+    assert enc["loss_mask"][0].tolist() == [[0] * 16 + [1, 1]] * 2
+
+
+def test_conversational_pairs_need_a_chat_template_that_renders_the_prompt_as_a_prefix():
+    from rlhf.data import render_conversational
+
+    rows = datasets.Dataset.from_list([CONVERSATION])
+    plain = char_tokenizer(template=None)  # built in memory, so named by its class
+    with pytest.raises(DataError) as err:
+        render_conversational(rows, plain, "pairs.jsonl")
+    assert str(err.value) == (f"'pairs.jsonl' holds conversational pairs (lists of messages), but the tokenizer "
+                              f"{type(plain).__name__} has no chat template to render them; set model.tokenizer to "
+                              "one that has, or give the pairs as strings")
+    # a generation prompt that is not how the template opens an assistant turn
+    odd = CHAT_TEMPLATE.replace("<|assistant|>{% endif %}", "<|assistant|>.{% endif %}")
+    with pytest.raises(DataError) as err:
+        render_conversational(rows, char_tokenizer(template=odd), "pairs.jsonl")
+    assert str(err.value) == (
+        "'pairs.jsonl' row 0 (0-based): the chat template renders prompt + chosen as "
+        "'<s><|system|>be brief</s><|user|>hi</s><|assistant|>ok.</s>', which does not start with the prompt it "
+        "renders with the generation prompt, '<s><|system|>be brief</s><|user|>hi</s><|assistant|>.'; the chosen "
+        "completion cannot be cut from it")
+
+
+def conversation(prompt, chosen, rejected):
+    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+CHAT_GOOD = [conversation(r["prompt"], r["chosen"], r["rejected"]) for r in GOOD]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([*GOOD, CHAT_GOOD[0]],
+     "column 'prompt' row 2 (0-based): expected a string as row 0 of column 'prompt' holds, got "
+     "[{'role': 'user', 'content': 'it was'}]; give every prompt, chosen and rejected as strings, or every one as a "
+     "list of messages"),
+    ([*CHAT_GOOD, {**CHAT_GOOD[0], "rejected": "bad ."}],
+     "column 'rejected' row 2 (0-based): expected a list of messages as row 0 of column 'prompt' holds, got "
+     "'bad .'; give every prompt, chosen and rejected as strings, or every one as a list of messages"),
+    ([*CHAT_GOOD, {**CHAT_GOOD[0], "chosen": []}],
+     "column 'chosen' row 2 (0-based): expected a non-empty list of {'role': str, 'content': str}, got []"),
+    ([*CHAT_GOOD, conversation("it was", "fine .", " fine . ")],
+     "row 2 (0-based): columns 'chosen' and 'rejected' hold the same text "
+     "[{'role': 'assistant', 'content': 'fine .'}]; a pair needs two different completions"),
+])
+def test_conversational_data_errors_are_one_line_naming_the_column_and_row(tmp_path, rows, message):
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = dpo_cfg(tmp_path, f"data.source={train}", "data.num_train=null", "data.num_eval=0")
+    with pytest.raises(DataError) as err:
+        train_dpo(cfg)
+    assert str(err.value) == f"{train!r} {message}"
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_conversational_pairs_with_a_tokenizer_without_a_template_fail_before_the_model_loads(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", CHAT_GOOD)
+    plain = load_tokenizer("builtin:words")
+    plain.chat_template = None
+    plain.save_pretrained(tmp_path / "tok")
+    cfg = dpo_cfg(tmp_path, f"data.source={train}", "data.num_train=null", "data.num_eval=0",
+                  f"model.tokenizer={tmp_path / 'tok'}")
+    with pytest.raises(DataError, match=r"^'.*train\.jsonl' holds conversational pairs \(lists of messages\), but "
+                                        r"the tokenizer .*tok has no chat template to render them; set "
+                                        r"model\.tokenizer to one that has, or give the pairs as strings$"):
+        train_dpo(cfg)
+
+
+def test_a_short_run_on_conversational_pairs_trains_and_logs(tmp_path, tok):
+    """builtin:words renders "<|user|> it was </s> <|assistant|> " and "good . </s> ": the same completion tokens
+    (good . </s>) as the string pair's "good ." + EOS, after a prompt in the template's role tokens. Step 0 is log 2
+    (policy == reference), the updates move the margin, and the summed chosen log-prob is over 3 tokens a pair."""
+    words = ["good", "superb", "great", "fine", "nice"], ["bad", "awful", "poor", "dull", "terrible"]
+    rows = [conversation(p, f"{c} .", f"{r} .") for p in ("it was", "the food was", "the service was")
+            for c, r in zip(*words)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows * 4)
+    held_out = write_jsonl(tmp_path / "test.jsonl", rows[:6])
+    history = train_dpo(dpo_cfg(tmp_path, f"data.source={train}", f"data.eval_source={held_out}",
+                                "data.num_train=null", "data.num_eval=null", "trainer.lr=1e-2"))
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [m["step"] for m in history] == [0, 1, 2, 3]
+    assert history[0]["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["eval/rewards/margin"] > 0 and history[-1]["eval/loss"] < math.log(2)
+    enc = encode_pairs(datasets.Dataset.from_list([{"prompt": "<|user|> it was </s> <|assistant|> ",
+                                                     "chosen": "good . </s> ", "rejected": "bad . </s> "}]),
+                       tok, 64, completion_only=True, chat=True)
+    assert enc["loss_mask"][0].sum(-1).tolist() == [3, 3]
+    assert tok.convert_ids_to_tokens(enc["input_ids"][0, 0].tolist()) == [
+        "<|user|>", "it", "was", "</s>", "<|assistant|>", "good", ".", "</s>"]
 
 
 # --- log-probs ---
@@ -244,8 +407,23 @@ def test_resuming_a_checkpoint_continues_the_same_run_exactly(tmp_path):
     assert all(torch.equal(weights[1][name], w) for name, w in weights[0].items())
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """STAGE_FAST (6 steps, batch 16, evaluations at 0, 3, 6) with UNEVEN (the frontier on 16 prompts x 2 samples,
+    65 held-out pairs) and a checkpoint at step 3, on one plain process: (run folder, metric lines)."""
+    from tests.test_distributed import STAGE_FAST
+
+    run = tmp_path_factory.mktemp("dpo_one") / "one"
+    threads = torch.get_num_threads()
+    try:
+        return run, train_dpo(validate_dpo_config(compose_config(
+            "dpo", [*STAGE_FAST, *UNEVEN, "trainer.save_every=3"], run_dir=str(run))))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
-def test_two_processes_follow_one_process(tmp_path):
+def test_two_processes_follow_one_process(one_process, tmp_path):
     """The batch (16 pairs) is global: 2 gloo processes take 8 each, the reference log-probs are precomputed with
     each process scoring every other pair, and the held-out pass gathers both halves. A per-pair mean over equal
     shards averages exactly, so the trajectory and the final weights are those of 1 process; and 2 processes resume
@@ -254,27 +432,62 @@ def test_two_processes_follow_one_process(tmp_path):
 
     from tests.test_distributed import STAGE_FAST, _assert_same_trajectory, _launch
 
-    threads = torch.get_num_threads()
-    try:
-        one = train_dpo(validate_dpo_config(compose_config("dpo", [*STAGE_FAST, *FRONTIER, "trainer.save_every=3"],
-                                                          run_dir=str(tmp_path / "one"))))
-    finally:
-        torch.set_num_threads(threads)
-    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *FRONTIER,
+    one_run, one = one_process
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *UNEVEN,
                     f"hydra.run.dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = metrics(tmp_path / "two")
     assert [m["step"] for m in two] == list(range(7))
-    assert one[-1]["eval/loss"] < one[0]["eval/loss"]  # it trained: the comparison is not of two idle runs
+    # it trained (h = 0 in every pair at step 0, not after): the comparison is not of two idle runs
+    assert one[0]["eval/rewards/margin"] == 0.0 and one[-1]["eval/rewards/margin"] != 0.0
     # frontier/*: each process samples every other prompt, keyed by the prompt's global index, and the per-prompt
-    # means are gathered, so the 2-process measurement is the 1-process one (compared with the rest below)
-    assert one[-1]["frontier/kl"] > 0 and "frontier/kl" in two[-1]
+    # means are gathered, so the 2-process measurement is the 1-process one (compared with the rest below). The
+    # policy moved: the summed k1 of step 0 is exactly 0, later ones are not (a mean of 32 sampled k1 can be < 0)
+    assert one[0]["frontier/kl"] == 0.0 and one[-1]["frontier/kl"] != 0.0 and "frontier/kl" in two[-1]
     _assert_same_trajectory(one, two)
-    weights = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict() for run in ("one", "two")]
+    weights = [AutoModelForCausalLM.from_pretrained(run / "final").state_dict() for run in (one_run, tmp_path / "two")]
     for name, w in weights[0].items():
         torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5)
     # Two processes resume the one-process checkpoint of step 3 and continue its trajectory
-    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *FRONTIER, f"hydra.run.dir={tmp_path / 'res'}",
-                    f"trainer.resume={tmp_path / 'one' / 'checkpoints' / 'step_3'}"])
+    proc = _launch(["scripts/train_dpo.py", "trainer.cpu=true", *STAGE_FAST, *UNEVEN, f"hydra.run.dir={tmp_path / 'res'}",
+                    f"trainer.resume={one_run / 'checkpoints' / 'step_3'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_trajectory([m for m in one if m["step"] >= 3], metrics(tmp_path / "res"))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_follow_one_process(one_process, tmp_path):
+    """FSDP2 over two gloo processes (tests/fsdp2_worker.py --dpo: accelerate's FSDP2 prepare with
+    configs/accelerate/fsdp2.yaml's settings): each process holds half of every policy weight and of AdamW's state,
+    the reference is a whole frozen copy on each. The frontier samples decode on the policy's weights gathered once
+    (each process decodes its own prompts for its own number of steps); the checkpoint and final/ gather the whole
+    weights. The same metrics as one plain process at every step within test_distributed's TOL, frontier/* included,
+    and the same final/ and checkpoint weights to float32 rounding."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_distributed import STAGE_FAST, _assert_same_trajectory, _launch
+
+    one_run, one = one_process
+    run = tmp_path / "fsdp2"
+    proc = _launch(["tests/fsdp2_worker.py", "--dpo", str(run), "trainer.cpu=true", *STAGE_FAST, *UNEVEN,
+                    "trainer.save_every=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = metrics(run)
+    assert [m["step"] for m in two] == list(range(7))
+    frontier = {"frontier/kl", "frontier/kl_se", "frontier/gold_score", "frontier/gold_se", "frontier/length"}
+    assert all(frontier <= m.keys() for m in two if m["step"] in (0, 3, 6))
+    assert one[-1]["frontier/kl"] != 0.0 and one[-1]["eval/rewards/margin"] != 0.0  # the policy moved
+    _assert_same_trajectory(one, two)
+    weights = [AutoModelForCausalLM.from_pretrained(r / "final").state_dict() for r in (one_run, run)]
+    assert weights[1].keys() == weights[0].keys()
+    for name, w in weights[0].items():
+        assert weights[1][name].shape == w.shape, name  # whole tensors, not one process's half
+        torch.testing.assert_close(weights[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
+    config = json.loads((run / "final" / "config.json").read_text())
+    assert not any(a.startswith("FSDP") for a in config["architectures"])  # loadable by class name
+    ckpts = [torch.load(r / "checkpoints" / "step_3" / "module.pt") for r in (one_run, run)]
+    assert ckpts[1].keys() == ckpts[0].keys()
+    for name, w in ckpts[0].items():
+        torch.testing.assert_close(ckpts[1][name], w, rtol=1e-4, atol=1e-5, msg=name)

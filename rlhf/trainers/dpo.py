@@ -2,8 +2,10 @@
 
 One DPO run, as data:
 
-    rows (prompt, chosen, rejected)  -> encode_pairs      input_ids, attention_mask, loss_mask (rows, 2, seq_len),
+    rows (prompt, chosen, rejected)  -> encode_split      input_ids, attention_mask, loss_mask (rows, 2, seq_len),
                                                           index 0 chosen, 1 rejected; loss_mask = completion tokens
+                                                          (conversational rows: rendered by the chat template first,
+                                                          the completion = assistant text + end-of-turn)
     response log-probs               -> SequenceLogps     (rows, 2): sum of log pi(y_t | x, y_<t) over the completion
                                                           tokens (EOS included), the prompt masked
     reference log-probs              -> the same under the initial policy: once up front (``dpo.precompute_ref``, as
@@ -41,7 +43,16 @@ from rlhf.core.logprobs import selective_log_softmax
 from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.backend import DistributedBackend
 from rlhf.trainers.reward import batch_scores, dataset_scores, encode_pairs, unstride
-from rlhf.trainers.sft import FINAL_DIR, Batch, fit, run_stage, save_trained, strided_rows, with_lora
+from rlhf.trainers.sft import (
+    FINAL_DIR,
+    Batch,
+    fit,
+    inner_weights,
+    run_stage,
+    save_trained,
+    strided_rows,
+    with_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +117,19 @@ def load_pairs(cfg: DictConfig, eval_split: bool) -> datasets.Dataset:
     return rows
 
 
+def encode_split(rows: datasets.Dataset, tokenizer, source: str, max_length: int) -> Batch:
+    """``encode_pairs`` of one split's pairs with the completion ``loss_mask``. Conversational pairs (lists of
+    messages) are first rendered by the tokenizer's chat template (``rlhf.data.render_conversational``) and joined as
+    rendered text: the prompt ends with the assistant's header, the completion is the assistant's text and the
+    template's end-of-turn, which the loss mask covers."""
+    from rlhf.data import is_conversational, render_conversational
+
+    chat = is_conversational(rows)
+    if chat:
+        rows = render_conversational(rows, tokenizer, source)
+    return encode_pairs(rows, tokenizer, max_length, completion_only=True, chat=chat)
+
+
 def with_reference_logps(data: Batch, reference: nn.Module, batch_size: int, backend: DistributedBackend) -> Batch:
     """``data`` plus ``ref_logps`` ``(rows, 2)``: the reference's log-probs of every pair, on the CPU."""
     return {**data, REF_LOGPS: dataset_scores(reference, data, batch_size, backend).cpu()}
@@ -156,8 +180,8 @@ def _train_dpo(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     eval_rows = load_pairs(cfg, eval_split=True) if d.num_eval != 0 else None
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.policy)
     check_tokenizer_fits(tokenizer, cfg.model.policy, cfg.model.tokenizer, model_key="model.policy")
-    train = encode_pairs(train_rows, tokenizer, d.max_length, completion_only=True)
-    held_out = encode_pairs(eval_rows, tokenizer, d.max_length, completion_only=True) \
+    train = encode_split(train_rows, tokenizer, d.source, d.max_length)
+    held_out = encode_split(eval_rows, tokenizer, d.eval_source or d.source, d.max_length) \
         if eval_rows is not None else None
     frontier = load_frontier(cfg)
     policy, reference = load_policy_and_reference(cfg, tokenizer)                           # 2. models
@@ -181,13 +205,16 @@ def _train_dpo(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
     def evaluate(module: nn.Module) -> dict[str, float]:
         metrics = evaluate_dpo(module, held_out, cfg, backend) if held_out is not None else {}
         if frontier is not None:
-            metrics.update(frontier_eval(backend.unwrap(module).model, frontier_reference, tokenizer, frontier,
-                                         cfg, backend))
+            # FSDP2: each process decodes its own prompts for its own number of steps, so it decodes on the whole
+            # weights, gathered once (a collective every process enters), not on shards gathered at every token.
+            with backend.gathered_for_generation(module, True):
+                metrics.update(frontier_eval(backend.unwrap(module).model, frontier_reference, tokenizer, frontier,
+                                             cfg, backend))
         return metrics
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, policy, train, batch_loss, evaluate,                        # 3. train
-                  lambda m: save_trained(m.model, tokenizer, cfg.run_dir))
+                  lambda m, w: save_trained(m.model, tokenizer, cfg.run_dir, inner_weights(w)))
     if backend.is_main:
         log.info(dpo_summary(cfg.dpo.loss, history, folder))
     return history

@@ -44,6 +44,7 @@ from rlhf.trainers.sft import (
     FINAL_DIR,
     Batch,
     fit,
+    inner_weights,
     num_rows,
     run_stage,
     save_trained,
@@ -150,17 +151,23 @@ def batch_scores(scorer: nn.Module, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def dataset_scores(scorer: nn.Module, data: Batch, batch_size: int, backend: DistributedBackend) -> torch.Tensor:
-    """``(rows, k)`` scores of all rows of ``data``, each process scoring every ``num_processes``-th row."""
+    """``(rows, k)`` scores of all rows of ``data``, each process scoring every ``num_processes``-th row.
+
+    Under FSDP2 every forward pass of a sharded scorer is a collective, so a process with a batch fewer than the
+    others (rows that do not split evenly) scores row 0 once more, unused, to keep in step."""
     rows = num_rows(data)
     mine = strided_rows(rows, backend.process_index, backend.num_processes)
+    per = math.ceil(rows / backend.num_processes)
     k = data["input_ids"].shape[1]
     out = torch.zeros(len(mine), k, device=backend.device)
-    for start in range(0, len(mine), batch_size):
+    for start in range(0, per if backend.is_fsdp2 else len(mine), batch_size):
         idx = mine[start:start + batch_size]
+        if len(idx) == 0:
+            batch_scores(scorer, take(data, torch.zeros(1, dtype=torch.long), backend.device))
+            continue
         out[start:start + len(idx)] = batch_scores(scorer, take(data, idx, backend.device))
     if backend.num_processes == 1:
         return out
-    per = math.ceil(rows / backend.num_processes)
     gathered = backend.gather(F.pad(out, (0, 0, 0, per - out.shape[0])).contiguous())
     return unstride(gathered, backend.num_processes, rows)
 
@@ -181,19 +188,34 @@ def unstride(gathered: torch.Tensor, world_size: int, rows: int) -> torch.Tensor
 
 # ---------------------------------------------------------------------- data
 def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_length: int,
-                    completion_only: bool = False) -> Batch:
+                    completion_only: bool = False, chat: bool = False) -> Batch:
     """``(n, seq_len)`` ids and mask of ``prompt + " " + text + EOS`` (or ``text + EOS``), as the SFT and policy
     stages tokenize them (the prompt alone, with the tokenizer's special tokens); with ``completion_only`` also the
-    ``(n, seq_len)`` ``loss_mask`` of the text's tokens (EOS included), as ``rlhf.data.tokenize_sft`` marks them."""
+    ``(n, seq_len)`` ``loss_mask`` of the text's tokens (EOS included), as ``rlhf.data.tokenize_sft`` marks them.
+
+    ``chat``: prompts and texts rendered by a chat template (``rlhf.data.render_conversational``), joined as
+    ``tokenize_sft(chat=True)`` joins them: ``prompt + text``, no space, no second BOS, no EOS after the template's
+    end-of-turn."""
     from rlhf.data import DataError, tokenize_sft
 
     table = {"prompt": prompts, "completion": texts} if prompts is not None else {"text": texts}
-    enc = tokenize_sft(datasets.Dataset.from_dict(table), tokenizer, max_length, completion_only=completion_only)
+    # A rendered completion does not end in EOS: a row is cut when it has more than max_length tokens, so tokenize
+    # one more and look.
+    limit = max_length + 1 if chat else max_length
+    enc = tokenize_sft(datasets.Dataset.from_dict(table), tokenizer, limit, completion_only=completion_only,
+                       add_eos=not chat, chat=chat)
     if enc["input_ids"].shape[0] != len(texts):
         raise DataError(f"{len(texts) - enc['input_ids'].shape[0]} rows have no token; check the text columns")
     lengths = enc["attention_mask"].sum(-1)
-    last = enc["input_ids"].gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
-    cut = int(((lengths == max_length) & (last != tokenizer.eos_token_id)).sum())
+    if chat:
+        cut = int((lengths > max_length).sum())
+        enc = {name: x[:, :max_length] for name, x in enc.items()}
+        empty = int((enc["loss_mask"].sum(-1) == 0).sum())
+        if completion_only and empty:
+            raise DataError(f"{empty} rows have no completion token within data.max_length={max_length}; raise it")
+    else:
+        last = enc["input_ids"].gather(1, (lengths - 1).unsqueeze(1)).squeeze(1)
+        cut = int(((lengths == max_length) & (last != tokenizer.eos_token_id)).sum())
     if cut:
         warnings.warn(f"{cut} rows were cut at data.max_length={max_length}; their score is read at the cut, "
                       "not at the end of the text", stacklevel=2)
@@ -201,14 +223,16 @@ def _tokenize_texts(prompts: list[str] | None, texts: list[str], tokenizer, max_
     return {name: enc[name] for name in keys}
 
 
-def encode_pairs(rows: datasets.Dataset, tokenizer, max_length: int, completion_only: bool = False) -> Batch:
+def encode_pairs(rows: datasets.Dataset, tokenizer, max_length: int, completion_only: bool = False,
+                 chat: bool = False) -> Batch:
     """Preference rows (``prompt``, ``chosen``, ``rejected``, optional ``margin``) -> ``input_ids``,
     ``attention_mask`` (and with ``completion_only`` the completion tokens' ``loss_mask``) ``(rows, 2, seq_len)``
-    (index 0 chosen, 1 rejected) and ``margin`` ``(rows,)`` float32."""
+    (index 0 chosen, 1 rejected) and ``margin`` ``(rows,)`` float32. ``chat``: the rows are conversational pairs
+    rendered by ``rlhf.data.render_conversational`` (see ``_tokenize_texts``)."""
     n = len(rows)
     prompts = list(rows["prompt"])
     enc = _tokenize_texts(prompts * 2, list(rows["chosen"]) + list(rows["rejected"]), tokenizer, max_length,
-                          completion_only)
+                          completion_only, chat)
     out = {name: x.view(2, n, -1).transpose(0, 1).contiguous() for name, x in enc.items()}
     if "margin" in rows.column_names:
         out["margin"] = torch.tensor(rows["margin"], dtype=torch.float32)
@@ -243,15 +267,19 @@ def binarize_labels(rows: datasets.Dataset, source: str, column: str, threshold:
 
 def load_reward_rows(cfg: DictConfig, split: str, eval_split: bool) -> datasets.Dataset:
     """The rows of one split for ``cfg.objective``, with normalized columns. Raises ``rlhf.data.DataError``."""
-    from rlhf.data import load_preferences, load_scalar
+    from rlhf.data import DataError, is_conversational, load_preferences, load_scalar
 
     d = cfg.data
     source = (d.eval_source or d.source) if eval_split else d.source
     n = d.num_eval if eval_split else d.num_train
     if cfg.objective == "pairwise":
-        return load_preferences(source, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
+        rows = load_preferences(source, prompt_column=d.prompt_column, chosen_column=d.chosen_column,
                                 rejected_column=d.rejected_column, margin_column=d.margin_column, split=split,
                                 n=n, seed=cfg.seed, temperature=d.temperature)
+        if is_conversational(rows):  # the policy trainer scores prompt + " " + completion strings, never a chat
+            raise DataError(f"{source!r} holds conversational pairs (lists of messages); the reward stage reads "
+                            "prompt, chosen and rejected strings (conversational pairs are for scripts/train_dpo.py)")
+        return rows
     rows = load_scalar(source, text_column=d.text_column, label_column=d.label_column, split=split, n=n,
                        seed=cfg.seed, noise_std=d.noise_std)
     return binarize_labels(rows, source, d.label_column, d.label_threshold) if cfg.objective == "binary" else rows
@@ -378,7 +406,7 @@ def _train_reward(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, scorer, train, batch_loss, evaluate,                        # 3. train
-                  lambda m: save_trained(m.model, tokenizer, cfg.run_dir))
+                  lambda m, w: save_trained(m.model, tokenizer, cfg.run_dir, inner_weights(w)))
     if backend.is_main:
         log.info(reward_summary(cfg.objective, history, folder))
     return history

@@ -205,28 +205,39 @@ def _mean_over_processes(backend: DistributedBackend, values: dict[str, torch.Te
 
 
 # ---------------------------------------------------------------------- saving
-def save_final(model, tokenizer, folder: str) -> str:
+def save_final(model, tokenizer, folder: str, weights: dict | None = None) -> str:
     """Write ``model.save_pretrained`` + the tokenizer into ``folder`` atomically (``folder.tmp``, then rename).
 
-    A model with non-finite weights is refused, so a folder at ``folder`` is always usable.
+    ``weights``: the model's whole state dict when its parameters are not (an FSDP2 shard's; ``fit`` gathers them),
+    None to save the parameters it holds. Non-finite weights are refused, so a folder at ``folder`` is always usable.
     """
     from rlhf.lora import save_model
     from rlhf.models import save_model_folder
 
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
+    tensors = weights.values() if weights is not None else model.parameters()
+    if not all(torch.isfinite(p).all() for p in tensors):
         raise TrainingError(f"trained weights are not finite; {folder} not written (lower trainer.lr)")
-    return save_model_folder(model, tokenizer, folder, save_model)
+    return save_model_folder(model, tokenizer, folder, lambda m, tmp: save_model(m, tmp, state_dict=weights))
 
 
-def save_trained(model, tokenizer, run_dir: str) -> str:
+def save_trained(model, tokenizer, run_dir: str, weights: dict | None = None) -> str:
     """The end of an SFT or reward stage: ``<run_dir>/final`` (returned), and with LoRA first ``<run_dir>/adapter``
-    (the adapters alone), then final/ as the merged model, which loads without peft."""
+    (the adapters alone), then final/ as the merged model, which loads without peft. ``weights``: as in
+    ``save_final`` (FSDP2; not with LoRA, which ``fit`` refuses under FSDP2)."""
     from rlhf.lora import is_peft_model, merged
 
     if is_peft_model(model):
         save_final(model, tokenizer, os.path.join(run_dir, ADAPTER_DIR))
         model = merged(model)
-    return save_final(model, tokenizer, os.path.join(run_dir, FINAL_DIR))
+    return save_final(model, tokenizer, os.path.join(run_dir, FINAL_DIR), weights)
+
+
+def inner_weights(weights: dict | None, prefix: str = "model.") -> dict | None:
+    """The state dict of a wrapper's ``model`` (DPO's SequenceLogps, the reward stage's SequenceScorer) from the
+    wrapper's whole ``weights``: the entries under ``prefix``, without it. None stays None."""
+    if weights is None:
+        return None
+    return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
 
 
 def with_lora(model, m: DictConfig, seed: int, score: bool = False, key: str = "init"):
@@ -240,7 +251,7 @@ def with_lora(model, m: DictConfig, seed: int, score: bool = False, key: str = "
 
 # ---------------------------------------------------------------------- the loop
 def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: Batch, batch_loss: BatchLoss,
-        evaluate: Evaluate, save: Callable[[nn.Module], None],
+        evaluate: Evaluate, save: Callable[[nn.Module, dict | None], None],
         derive: Callable[[dict[str, float]], dict[str, float]] | None = None) -> list[dict]:
     """The supervised loop of SFT and reward training; returns the metric lines, one per logged step.
 
@@ -260,13 +271,16 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
 
     Every metric of line ``step`` describes the model after ``step`` updates; the last line
     (``step == trainer.max_steps``) holds only the final evaluation. ``derive(train metrics)`` adds metrics computed
-    from the global ones (SFT: perplexity from the loss). Then ``save(unwrapped module)`` runs on the main process,
-    after every process has checked that the weights are finite (so a refusal stops every process, not only rank 0).
+    from the global ones (SFT: perplexity from the loss). Then ``save(unwrapped module, weights)`` runs on the main
+    process, after every process has checked that the weights are finite (so a refusal stops every process, not only
+    rank 0); ``weights`` is None, or under FSDP2 the module's whole state dict, gathered by every process (each holds
+    a shard of every parameter).
     """
     from rlhf.runtime.checkpoint import load_trainer_state, resolve_resume
     from rlhf.runtime.tracking import open_logger
 
     t = cfg.trainer
+    _check_fsdp2_stage(backend, module)
     ckpt_root = os.path.join(cfg.run_dir, CKPT_DIR)
     resume = resolve_resume(t.resume, ckpt_root, backend, weights=MODULE_FILE)
     if resume:
@@ -304,10 +318,21 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
             bar.close()
         logger.close()
     _check_finite_everywhere(backend, module, cfg.run_dir)
+    weights = backend.state_dict(module) if backend.is_fsdp2 else None  # a collective: every process gathers
     if backend.is_main:
-        save(backend.unwrap(module))
+        save(backend.unwrap(module), weights)
     backend.wait()
     return history
+
+
+def _check_fsdp2_stage(backend: DistributedBackend, module: nn.Module) -> None:
+    """LoRA stages save merged weights, which an FSDP2 shard cannot merge: refused under FSDP2 before training."""
+    from rlhf.config import ConfigError
+    from rlhf.lora import is_peft_model
+
+    if backend.is_fsdp2 and any(is_peft_model(m) for m in module.modules()):
+        raise ConfigError("model.lora: the SFT, reward and DPO stages do not train LoRA adapters under FSDP2 (their "
+                          "final/ merges the adapters, which needs the whole weights); use DDP, or full weights")
 
 
 def _save_stage_checkpoint(backend: DistributedBackend, module: nn.Module, optimizer, scheduler, step: int,
@@ -423,7 +448,7 @@ def _train_sft(cfg: DictConfig, backend: DistributedBackend) -> list[dict]:
 
     folder = os.path.join(cfg.run_dir, FINAL_DIR)
     history = fit(cfg, backend, model, train, sft_batch_loss, evaluate,                     # 3. train
-                  lambda m: save_trained(m, tokenizer, cfg.run_dir), derive=sft_train_metrics)
+                  lambda m, w: save_trained(m, tokenizer, cfg.run_dir, w), derive=sft_train_metrics)
     if backend.is_main:
         log.info(sft_summary(history, folder))
     return history
