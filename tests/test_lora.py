@@ -302,3 +302,41 @@ def test_lora_under_fsdp2_follows_the_one_process_trajectory_and_resumes_with_on
     _copy_checkpoint(tmp_path / "fsdp2", tmp_path / "fsdp2_to_one", 2)
     _assert_same_trajectory(one[2:], _train_one_process(tmp_path / "fsdp2_to_one", *LORA_TRAJECTORY,
                                                         "trainer.resume=auto"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_policy_decodes_through_a_plain_merged_copy(dtype):
+    """rollout.hf.dtype set (the policy's own float32 included): the engine decodes with a plain transformers model
+    holding W + alpha / r * B @ A, no peft wrappers, whose logits are the peft policy's (float32: to rounding; bf16:
+    the merged weights rounded once), and each sync_weights refreshes it in place after the adapters move."""
+    from omegaconf import OmegaConf
+
+    from rlhf.lora import add_lora, is_peft_model
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.rollout.hf import HFEngine
+
+    tok = load_tokenizer("builtin:words")
+    lora = OmegaConf.create({"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+                             "modules_to_save": None})
+    policy = add_lora(load_causal_lm("builtin:tiny", tok), lora, "builtin:tiny", seed=0).eval()
+    engine = HFEngine(policy, tok, dtype=dtype)
+    copy = engine.policy
+    assert not is_peft_model(copy) and type(copy) is type(policy.get_base_model())
+    assert {p.dtype for p in copy.parameters()} == {dtype} and not any(p.requires_grad for p in copy.parameters())
+    # bf16: the whole forward runs in bf16 (8-bit mantissa), so single logits move by up to ~0.1, the mean far less
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.15}
+    for _ in range(2):  # fresh adapters (B = 0), then adapters that moved
+        with torch.no_grad():
+            expected = policy(input_ids=IDS).logits
+            got = copy(input_ids=IDS).logits.float()
+        torch.testing.assert_close(got, expected, **tol)
+        assert (got - expected).abs().mean() < (1e-6 if dtype == torch.float32 else 0.01)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        engine.sync_weights(policy)
+        assert engine.policy is copy  # refreshed in place, not rebuilt
+    with torch.no_grad():
+        moved = (copy(input_ids=IDS).logits.float() - load_causal_lm("builtin:tiny", tok)(input_ids=IDS).logits)
+    assert moved.abs().max() > 0.1  # the adapters' change reached the copy

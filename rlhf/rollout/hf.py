@@ -99,6 +99,45 @@ def generate(policy: PreTrainedModel, query_ids: torch.Tensor, query_mask: torch
     return response_ids, response_mask
 
 
+def merged_copy(policy: torch.nn.Module, dtype: torch.dtype) -> PreTrainedModel:
+    """A plain transformers model of ``policy``'s base architecture in ``dtype``, on its device, holding the merged
+    weights of the peft ``policy`` (frozen, eval mode); the policy is not changed."""
+    base = policy.get_base_model()
+    device = next(policy.parameters()).device
+    with torch.device("meta"):
+        plain = type(base)(base.config)
+    plain.to_empty(device=device)
+    plain.to(dtype)
+    plain.tie_weights()
+    # to_empty leaves every buffer uninitialised, and the non-persistent ones (rotary inv_freq) are in no state_dict:
+    # take them from the base, whose module names are the plain model's but for peft's ".base_layer".
+    theirs = {name.replace(".base_layer.", "."): b for name, b in base.named_buffers()}
+    with torch.no_grad():
+        for name, buffer in plain.named_buffers():
+            buffer.copy_(theirs[name])
+    plain.generation_config = copy.deepcopy(base.generation_config)
+    load_merged_weights(plain, policy)
+    return plain.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def load_merged_weights(plain: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Copy the peft ``policy``'s merged weights (rlhf.lora.merged_weights) into ``plain``, cast to its dtype; every
+    one of ``plain``'s tensors must be written (a tied weight once per name)."""
+    from rlhf.lora import merged_weights
+
+    mine = plain.state_dict()
+    written = set()
+    for name, tensor in merged_weights(policy):
+        if name not in mine:
+            raise KeyError(f"merged weight {name!r} has no place in the decoding copy")
+        mine[name].copy_(tensor)
+        written.add(name)
+    missing = set(mine) - written
+    if missing:
+        raise KeyError(f"the decoding copy's {sorted(missing)[:3]} got no merged weight")
+
+
 class HFEngine:
     """``rollout.engine=hf``: decodes with the trainer's own policy module (no copy of the weights).
 
@@ -147,13 +186,22 @@ class HFEngine:
 
     def sync_weights(self, policy: torch.nn.Module) -> None:
         """Decode with ``policy`` from now on: the module itself (shared weights, nothing to copy), or with
-        ``dtype`` set, a copy in that dtype whose weights are copied from it (made on the first call)."""
-        if self.dtype is None or next(policy.parameters()).dtype == self.dtype:
+        ``dtype`` set, a copy in that dtype whose weights are copied from it (made on the first call). A LoRA policy
+        (peft) with ``dtype`` set, its own dtype included, decodes with a plain model holding the merged weights
+        (rlhf.lora.merged_weights: W + alpha / r * B @ A), not through peft's wrapped layers, which cost a Python
+        detour per adapted layer and token."""
+        from rlhf.lora import is_peft_model
+
+        peft = is_peft_model(policy)
+        if self.dtype is None or (next(policy.parameters()).dtype == self.dtype and not peft):
             self.policy = policy
             return
         with torch.no_grad():
             if self.policy is None or self.policy is policy:
-                self.policy = copy.deepcopy(policy).to(self.dtype).eval().requires_grad_(False)
+                self.policy = merged_copy(policy, self.dtype) if peft else \
+                    copy.deepcopy(policy).to(self.dtype).eval().requires_grad_(False)
+            elif peft:
+                load_merged_weights(self.policy, policy)
             else:
                 for mine, theirs in zip(self.policy.parameters(), policy.parameters(), strict=True):
                     mine.copy_(theirs)
