@@ -257,7 +257,7 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
     if _is_adapter_folder(spec):
         from rlhf.lora import load_merged
 
-        return load_merged(spec, tokenizer, dtype)
+        return contiguous_head_input(load_merged(spec, tokenizer, dtype))
     if is_builtin(spec):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -268,7 +268,30 @@ def load_causal_lm(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return disable_dropout(model)
+    return contiguous_head_input(disable_dropout(model))
+
+
+def _contiguous_first_arg(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_head_input(model: PreTrainedModel) -> PreTrainedModel:
+    """Make the output head's input contiguous before its matmul (a forward pre-hook; idempotent; copies of the model
+    keep it). Returns ``model``.
+
+    A causal LM applies its head to ``hidden[:, -k:, :]`` when asked for the last k positions' logits (generate's
+    prefill, ``logits_to_keep`` in rlhf.rollout.forward): a ``(batch, k, hidden)`` view that is not contiguous. When
+    the head's weight does not require grad (a frozen reference, a decoding copy, LoRA's frozen base), torch.matmul
+    then does not fold the batch into one matrix product: it runs a batched product over the weight expanded to every
+    row, which copies the weight once per row. On SmolLM2's 49152 x 576 head and 32 rows that is 1.7 s for one call
+    against 9 ms for the product on a contiguous copy of the (batch, k, hidden) input (a few hundred KB), measured on
+    the 2-core VM. A trainable head folds anyway (the rule keeps the weight's gradient one matrix product), so the
+    hook changes no number, only the time of frozen heads.
+    """
+    head = model.get_output_embeddings()
+    if head is not None and _contiguous_first_arg not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous_first_arg)
+    return model
 
 
 def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", seed: int = 0,

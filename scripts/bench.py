@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 
-from rlhf.models import BUILTIN_ARCHS
+from rlhf.models import BUILTIN_ARCHS, contiguous_head_input
 
 # W1: a 3.7 M-parameter Llama (issue "Speed", workload W1).
 W1 = {**BUILTIN_ARCHS["w1"], "vocab_size": 1024}
@@ -117,7 +117,9 @@ def run_floor(folder: str, algorithm: str, steps: int, prompts_per_step: int, ne
 
     tok = AutoTokenizer.from_pretrained(f"{folder}/policy", padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(f"{folder}/policy")
-    ref = AutoModelForCausalLM.from_pretrained(f"{folder}/policy").eval().requires_grad_(False)
+    # contiguous_head_input: the frozen reference's head on a sliced input would otherwise copy its weight per row
+    # (rlhf.models.contiguous_head_input), a cost of transformers + torch that a floor should not carry
+    ref = contiguous_head_input(AutoModelForCausalLM.from_pretrained(f"{folder}/policy").eval().requires_grad_(False))
     reward = AutoModelForSequenceClassification.from_pretrained(f"{folder}/reward").eval().requires_grad_(False)
     params = list(policy.parameters())
     critic = None
@@ -267,9 +269,11 @@ def r0_floor(steps: int, precision: str) -> dict:
     folder, bf16 = prepare_packaged("smollm2"), precision == "bf16"
     tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     reward_fn = import_function(R0_REWARD, "reward.function")
-    policy = AutoModelForCausalLM.from_pretrained(folder)
+    # contiguous_head_input (as in our models): frozen heads on sliced inputs (generate's prefill, the reference's
+    # logits_to_keep) would otherwise copy the 49152 x 576 weight once per row, 1.7 s a call on 2 cores
+    policy = contiguous_head_input(AutoModelForCausalLM.from_pretrained(folder))
     half = torch.bfloat16 if bf16 else torch.float32
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=half).eval().requires_grad_(False)
+    ref = contiguous_head_input(AutoModelForCausalLM.from_pretrained(folder, dtype=half).eval().requires_grad_(False))
     gen = copy.deepcopy(policy).to(torch.bfloat16).eval().requires_grad_(False) if bf16 else policy
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf.models import contiguous_head_input
 from rlhf.rollout.batch import response_mask_from_ids
 from rlhf.rollout.sampling import CounterSampler, TorchSampler
 from rlhf.rollout.spec import SAMPLERS, SamplingSpec
@@ -117,7 +118,7 @@ def merged_copy(policy: torch.nn.Module, dtype: torch.dtype) -> PreTrainedModel:
             buffer.copy_(theirs[name])
     plain.generation_config = copy.deepcopy(base.generation_config)
     load_merged_weights(plain, policy)
-    return plain.eval().requires_grad_(False)
+    return contiguous_head_input(plain.eval().requires_grad_(False))
 
 
 @torch.no_grad()
