@@ -392,6 +392,21 @@ class Models:
     reward_tokenizer: PreTrainedTokenizerBase | None
 
 
+def autocast_weights(model: PreTrainedModel, dtype: torch.dtype = torch.bfloat16) -> PreTrainedModel:
+    """Store the weights of ``model``'s linear layers in ``dtype`` (returns ``model``), for a frozen model that only
+    runs under ``torch.autocast(dtype)``: autocast casts a float32 linear weight to ``dtype`` at every call (frozen
+    weights are not cached), rounding to nearest as ``Tensor.to`` does, so casting once gives the same products, bit
+    for bit, with half the memory and no per-forward cast. Everything else stays as it is: the norms (computed in
+    float32 with their float32 weights) and the input embedding, which autocast does not cast (with a tied head, the
+    head stays float32 too: autocast casts it at the call as before). The result only runs under autocast."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and not (tied and module is head):
+            module.to(dtype)
+    return model
+
+
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
     model.eval()
     model.requires_grad_(False)

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf.models import (
     ModelSpecError,
+    autocast_weights,
     check_spec,
     contiguous_head_input,
     freeze,
@@ -184,3 +185,27 @@ def test_a_frozen_head_on_the_last_positions_runs_one_matrix_product(tok):
     plain_ops, plain_logits = head_ops(model)
     assert "bmm" in plain_ops
     torch.testing.assert_close(plain_logits, logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_autocast_weights_give_the_same_logits_under_autocast_bit_for_bit(tok, tied):
+    """A frozen reference stored with bf16 linear weights computes, under bf16 autocast, exactly what the float32
+    model computes under autocast (autocast rounds each float32 weight to bf16 at the call, as .to does once), so the
+    step-0 KL against an autocast policy stays exactly 0. Norms and the embedding (and a head tied to it) stay
+    float32."""
+    import copy
+
+    model = load_causal_lm("builtin:tiny", tok).eval()
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    ref = autocast_weights(copy.deepcopy(model))
+    kinds: dict[str, set] = {}
+    for m in ref.modules():
+        kinds.setdefault(type(m).__name__, set()).update(p.dtype for p in m.parameters(recurse=False))
+    assert kinds["Linear"] == ({torch.bfloat16, torch.float32} if tied else {torch.bfloat16})
+    assert kinds["Embedding"] == {torch.float32} and kinds["LlamaRMSNorm"] == {torch.float32}
+    ids = torch.randint(3, len(tok), (3, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(got, expected)

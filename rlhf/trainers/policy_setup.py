@@ -18,6 +18,7 @@ from rlhf.models import (
     BUILTIN_ARCHS,
     BUILTIN_PREFIX,
     Models,
+    autocast_weights,
     check_tokenizer_fits,
     freeze,
     is_builtin,
@@ -98,6 +99,8 @@ def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int |
         copyable = not resume_from and zero_stage != 3
         reference = freeze(copy.deepcopy(policy) if copyable
                            else load_causal_lm(m.policy, tok, m.dtype, seed=cfg.seed))
+        if cfg.trainer.mixed_precision == "bf16" and zero_stage != 3:  # it only runs under autocast
+            reference = autocast_weights(reference)  # same products as the policy's autocast forward, half the bytes
     rewards = RewardSources.from_config(cfg, tok, score_model_loader(m.dtype, cfg.seed))
     reward, reward_tok = rewards.reward_model()
     value = None
