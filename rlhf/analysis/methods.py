@@ -31,6 +31,7 @@ import yaml
 
 from rlhf.analysis.report import (
     FrontierFit,
+    Job,
     Trajectory,
     _figure,
     fit_frontier,
@@ -43,15 +44,8 @@ METHODS = ("RL", "DPO", "best-of-n")
 
 
 @dataclass(frozen=True)
-class DirectRun:
-    """One DPO job of a sweep: its saved config, logged metrics and whether it finished."""
-
-    name: str
-    path: str
-    config: dict
-    metrics: list[dict]
-    finished: bool
-    reason: str
+class DirectRun(Job):
+    """One DPO job of a sweep (scripts/train_dpo.py)."""
 
     @property
     def beta(self) -> float:
@@ -60,14 +54,6 @@ class DirectRun:
     @property
     def loss(self) -> str:
         return str(self.config["dpo"]["loss"])
-
-    @property
-    def seed(self) -> int:
-        return int(self.config["seed"])
-
-    @property
-    def max_steps(self) -> int:
-        return int(self.config["trainer"]["max_steps"])
 
     def frontier_lines(self) -> list[dict]:
         """The metric lines with a frontier measurement, in step order."""

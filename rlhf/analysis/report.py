@@ -49,7 +49,7 @@ FRONTIER_FORMS: Registry[Callable[[np.ndarray], np.ndarray]] = Registry("frontie
 
 # ---------------------------------------------------------------------------------------------------- collect
 @dataclass(frozen=True)
-class Run:
+class Job:
     """One job of a sweep: the config Hydra saved for it, its logged metrics and whether it finished."""
 
     name: str              # job folder relative to the sweep folder
@@ -64,6 +64,15 @@ class Run:
         return int(self.config["seed"])
 
     @property
+    def max_steps(self) -> int:
+        return int(self.config["trainer"]["max_steps"])
+
+
+@dataclass(frozen=True)
+class Run(Job):
+    """A policy-optimisation job (scripts/train_policy.py); DPO jobs are rlhf.analysis.methods.DirectRun."""
+
+    @property
     def beta(self) -> float:
         """The configured (initial) KL coefficient."""
         return float(self.config["kl"]["beta"])
@@ -75,10 +84,6 @@ class Run:
     @property
     def target(self) -> float:
         return float(self.config["kl"]["target"])
-
-    @property
-    def max_steps(self) -> int:
-        return int(self.config["trainer"]["max_steps"])
 
     @property
     def steps_done(self) -> int:
