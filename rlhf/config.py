@@ -865,7 +865,7 @@ class DPOSettings:
 class FrontierSettings:  # dpo.yaml frontier: (rlhf.analysis.frontier)
     num_prompts: int = MISSING
     samples: int = MISSING
-    prompts: str | None = MISSING  # AUTO = data.source's built-in task (resolve_frontier_defaults)
+    prompts: str | None = MISSING  # AUTO = data.source's built-in task (_check_frontier)
     prompt_column: str = MISSING
     split: str = MISSING
     gold: str | None = MISSING     # AUTO = that task's gold scorer

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import datasets
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch import nn
@@ -42,7 +40,7 @@ from rlhf.core.dpo import DPO_LOSSES, PairLogps, pair_metrics
 from rlhf.core.logprobs import selective_log_softmax
 from rlhf.rollout.spec import SamplingSpec
 from rlhf.runtime.backend import DistributedBackend
-from rlhf.trainers.reward import batch_scores, dataset_scores, encode_pairs, unstride
+from rlhf.trainers.reward import batch_scores, dataset_scores, encode_pairs, gather_strided
 from rlhf.trainers.sft import (
     FINAL_DIR,
     Batch,
@@ -249,19 +247,14 @@ def frontier_eval(policy: nn.Module, reference: nn.Module, tokenizer, frontier: 
     """``frontier/*`` metrics (rlhf.analysis.frontier) of the causal LM ``policy`` against ``reference``: each
     process samples every ``num_processes``-th prompt (keyed by the prompt's global index, so the samples do not
     depend on the process count) and the per-prompt means are gathered."""
-    from rlhf.analysis.frontier import PER_PROMPT, frontier_metrics, prompt_means
+    from rlhf.analysis.frontier import frontier_metrics, prompt_means
 
     n = len(frontier.prompts)
     mine = strided_rows(n, backend.process_index, backend.num_processes).tolist()
     per_prompt = prompt_means(policy, reference, tokenizer, [frontier.prompts[i] for i in mine], mine,
                               frontier.spec, samples=cfg.frontier.samples, seed=cfg.seed, gold_fn=frontier.gold_fn,
                               gold_name=cfg.frontier.gold or "gold", batch_size=cfg.frontier.batch_size)
-    if backend.num_processes > 1:
-        per = math.ceil(n / backend.num_processes)
-        padded = F.pad(per_prompt.to(backend.device), (0, 0, 0, per - per_prompt.shape[0])).contiguous()
-        per_prompt = unstride(backend.gather(padded), backend.num_processes, n).cpu()
-    assert per_prompt.shape == (n, len(PER_PROMPT))
-    return frontier_metrics(per_prompt)
+    return frontier_metrics(gather_strided(per_prompt, n, backend).cpu())
 
 
 def dpo_summary(loss: str, history: list[dict], folder: str) -> str:

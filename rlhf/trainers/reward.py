@@ -166,9 +166,16 @@ def dataset_scores(scorer: nn.Module, data: Batch, batch_size: int, backend: Dis
             batch_scores(scorer, take(data, torch.zeros(1, dtype=torch.long), backend.device))
             continue
         out[start:start + len(idx)] = batch_scores(scorer, take(data, idx, backend.device))
+    return gather_strided(out, rows, backend)
+
+
+def gather_strided(local: torch.Tensor, rows: int, backend: DistributedBackend) -> torch.Tensor:
+    """This process's ``(len(strided_rows(rows, rank, world)), k)`` results -> all ``(rows, k)`` in row order, on
+    every process (``local`` itself on one process)."""
     if backend.num_processes == 1:
-        return out
-    gathered = backend.gather(F.pad(out, (0, 0, 0, per - out.shape[0])).contiguous())
+        return local
+    per = math.ceil(rows / backend.num_processes)
+    gathered = backend.gather(F.pad(local.to(backend.device), (0, 0, 0, per - local.shape[0])).contiguous())
     return unstride(gathered, backend.num_processes, rows)
 
 
