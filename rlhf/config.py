@@ -208,6 +208,7 @@ class TrainerConfig:
     # makes an Accelerator; tests/test_config_schema.py checks they equal policy.yaml's.
     cpu: bool = False
     mixed_precision: str = "no"
+    gradient_checkpointing: bool = MISSING
     torch_threads: int | None = MISSING
     dist_timeout_s: int = 1800
 
@@ -642,6 +643,7 @@ class SupervisedTrainerConfig:
     resume: str | None = MISSING
     cpu: bool = MISSING
     mixed_precision: str = MISSING
+    gradient_checkpointing: bool = MISSING
     torch_threads: int | None = MISSING
     dist_timeout_s: int = MISSING
 

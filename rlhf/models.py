@@ -294,6 +294,27 @@ def contiguous_head_input(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def checkpoint_activations(module: nn.Module, key: str = "trainer.gradient_checkpointing") -> nn.Module:
+    """Keep only each decoder layer's input in the forward and recompute the layer in the backward (activation, or
+    gradient, checkpointing: ``torch.utils.checkpoint`` without re-entry, transformers' own switch). Returns
+    ``module``; the gradients are the same, the update's activation memory falls from every layer's intermediates
+    to one ``(batch, seq, hidden)`` tensor per layer, for about one more forward of compute.
+
+    ``module`` is a transformers model or anything holding one (a peft model, a value wrapper): the outermost
+    ``PreTrainedModel`` inside it is switched. Forwards without gradients (generation, the reference, evaluation)
+    run as before, KV cache included. A model that does not support it is refused naming ``key``.
+    """
+    inner = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+    if inner is None or not inner.supports_gradient_checkpointing:
+        name = type(inner if inner is not None else module).__name__
+        raise ModelSpecError(f"{key}: {name} does not support activation checkpointing; set it to false")
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return module
+
+
 def load_score_model(spec: str, tokenizer: PreTrainedTokenizerBase, dtype: str = "float32", seed: int = 0,
                      key: str = "model.reward") -> PreTrainedModel:
     """Reward or value model: an ``AutoModelForSequenceClassification`` with exactly one label (a LoRA adapter folder

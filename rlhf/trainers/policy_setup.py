@@ -20,6 +20,7 @@ from rlhf.models import (
     Models,
     autocast_weights,
     check_tokenizer_fits,
+    checkpoint_activations,
     freeze,
     is_builtin,
     load_causal_lm,
@@ -108,6 +109,10 @@ def load_models(cfg: DictConfig, tok, resume_from: str | None, zero_stage: int |
         # Before the adapters go on: a critic from the policy copies the plain base (a model of its own, see README)
         value = load_critic(cfg, tok, policy, reward, reward_tok, resume_from)
         value.train()
+    if cfg.trainer.gradient_checkpointing:  # after the copies above: the frozen reference has no backward
+        checkpoint_activations(policy)
+        if value is not None:
+            checkpoint_activations(value)
     if lora:
         policy = lora_policy(cfg, policy, resume_from)
         reference = AdapterDisabled(policy) if needs_reference else None

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import get_scheduler
 
 from rlhf.core.losses import lm_loss, perplexity
+from rlhf.models import checkpoint_activations
 from rlhf.runtime.accelerator import make_accelerator
 from rlhf.runtime.backend import DistributedBackend, all_finite
 from rlhf.runtime.errors import TrainingError
@@ -281,6 +282,8 @@ def fit(cfg: DictConfig, backend: DistributedBackend, module: nn.Module, train: 
 
     t = cfg.trainer
     _check_fsdp2_stage(backend, module)
+    if t.gradient_checkpointing:
+        checkpoint_activations(module)
     ckpt_root = os.path.join(cfg.run_dir, CKPT_DIR)
     resume = resolve_resume(t.resume, ckpt_root, backend, weights=MODULE_FILE)
     if resume:
