@@ -159,7 +159,7 @@ class RolloutConfig:
     engine: str = MISSING
     hf: HFEngineConfig = field(default_factory=HFEngineConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
-    logprob_chunk_size: int = MISSING
+    logprob_chunk_size: int | None = MISSING
     gather_for_generation: bool = MISSING
     max_resample_rounds: int = MISSING
 
@@ -422,7 +422,8 @@ def _check_rollout(r: DictConfig, world_size: int) -> None:
             require_vllm()
         except VLLMUnavailable as e:
             raise ConfigError(str(e)) from None
-    _check(r.logprob_chunk_size > 0, "rollout.logprob_chunk_size", "must be > 0")
+    _check(r.logprob_chunk_size is None or r.logprob_chunk_size > 0, "rollout.logprob_chunk_size",
+           "must be > 0 or null")
     _check(r.max_resample_rounds >= 0, "rollout.max_resample_rounds", "must be >= 0")
     _check(r.max_resample_rounds == 0 or r.samples_per_prompt >= 2, "rollout.max_resample_rounds",
            "dynamic sampling drops groups whose samples all score the same, so it needs rollout.samples_per_prompt "

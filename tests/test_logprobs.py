@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf.core.logprobs import _blocks, entropy_from_logits, selective_log_softmax
+from rlhf.core.logprobs import CHUNK_BYTES, _blocks, chunk_rows, entropy_from_logits, selective_log_softmax
 
 # (batch=3, seq_len=5) = 15 rows. Chunk sizes cover both tiling branches (chunk <= seq_len splits each sequence,
 # chunk > seq_len groups whole sequences) and sizes that do not divide 15 or 5.
@@ -167,6 +167,29 @@ def test_entropy_bf16(batch):
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _ref_entropy(logits.bfloat16()), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), _ref_entropy(logits), rtol=0, atol=0.1)
+
+
+def test_chunk_rows_keep_a_float32_block_under_16_mib():
+    # 16 MiB = 16777216 bytes; one float32 row of a 49152-token vocabulary is 196608 bytes: 85.3 -> 85 rows.
+    assert CHUNK_BYTES == 16777216
+    assert chunk_rows(49152) == 85
+    assert chunk_rows(151936) == 27  # 16777216 / 607744 = 27.6 (Qwen's vocabulary)
+    assert chunk_rows(10**8) == 1  # a row larger than the budget is still one row
+    assert chunk_rows(49152, 7) == 7  # an explicit size wins
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_rows(49152, 0)
+
+
+def test_default_chunks_by_bytes_and_matches_the_reference():
+    """vocab 2**17: chunk_rows = 16777216 / 524288 = 32 rows, so 2 x 40 = 80 rows run as 3 blocks."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 40, 2**17, generator=g)
+    index = torch.randint(0, 2**17, (2, 40), generator=g)
+    blocks = list(_blocks(2, 40, chunk_rows(2**17)))
+    assert [r.stop - r.start for _, r in blocks] == [32, 8, 32, 8]  # seq_len 40 >= 32: each sequence split
+    torch.testing.assert_close(selective_log_softmax(logits, index).double(), _ref_logprobs(logits, index),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy_from_logits(logits).double(), _ref_entropy(logits), rtol=0, atol=1e-4)
 
 
 def test_empty_sequence_gives_empty_output():

@@ -13,14 +13,27 @@ from collections.abc import Iterator
 import torch
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK_SIZE = 512
+# None = by bytes: as many rows as keep one float32 block under CHUNK_BYTES (chunk_rows).
+DEFAULT_CHUNK_SIZE: int | None = None
+# 16 MiB: under glibc's largest mmap threshold (32 MiB). Larger float32 blocks are fresh mmaps that page-fault on every
+# op: with SmolLM2's 49152-token vocabulary, 1024-row blocks (201 MB) cost R0 1 s a step on the 2-core VM.
+CHUNK_BYTES = 16 * 2**20
 
 Block = tuple[slice, slice]
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def chunk_rows(vocab: int, chunk_size: int | None = None) -> int:
+    """Rows of a ``(rows, vocab)`` block softmaxed at once: ``chunk_size`` when given, else the most rows whose
+    float32 block fits in ``CHUNK_BYTES`` (at least 1): 85 rows for a 49152-token vocabulary, 27 for 151936."""
+    _check_chunk_size(chunk_size)
+    return chunk_size if chunk_size is not None else max(1, CHUNK_BYTES // (4 * vocab))
 
 
 def _check_logits(logits: torch.Tensor) -> None:
@@ -126,7 +139,7 @@ class _EntropyFromLogits(torch.autograd.Function):
 
 
 def selective_log_softmax(
-    logits: torch.Tensor, index: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+    logits: torch.Tensor, index: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK_SIZE
 ) -> torch.Tensor:
     """Log-probability of the chosen tokens, `log_softmax(logits)[b, t, index[b, t]]`.
 
@@ -134,7 +147,8 @@ def selective_log_softmax(
         logits: `(batch, seq_len, vocab)` float logits (any float dtype; may be a non-contiguous view such as
             `logits[:, :-1]`).
         index: `(batch, seq_len)` integer token ids in `[0, vocab)`.
-        chunk_size: at most this many `(batch, seq_len)` rows are softmaxed at once, in float32 or wider.
+        chunk_size: at most this many `(batch, seq_len)` rows are softmaxed at once, in float32 or wider; None =
+            `chunk_rows(vocab)` (a 16 MiB float32 block).
 
     Returns:
         `(batch, seq_len)` log-probabilities, float32 for half-precision logits, else the logits' dtype.
@@ -156,15 +170,16 @@ def selective_log_softmax(
         raise ValueError(
             f"index values must be in [0, {vocab}), got min {index.min().item()} max {index.max().item()}"
         )
-    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_size)
+    return _SelectiveLogSoftmax.apply(logits, index.long(), chunk_rows(vocab, chunk_size))
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
     """Entropy `-sum_v p_v log p_v` of `softmax(logits)` at every position.
 
     Args:
         logits: `(batch, seq_len, vocab)` float logits (any float dtype; `-inf` entries are allowed).
-        chunk_size: at most this many `(batch, seq_len)` rows are softmaxed at once, in float32 or wider.
+        chunk_size: at most this many `(batch, seq_len)` rows are softmaxed at once, in float32 or wider; None =
+            `chunk_rows(vocab)`.
 
     Returns:
         `(batch, seq_len)` entropies in nats, float32 for half-precision logits, else the logits' dtype.
@@ -172,4 +187,4 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SI
     """
     _check_logits(logits)
     _check_chunk_size(chunk_size)
-    return _EntropyFromLogits.apply(logits, chunk_size)
+    return _EntropyFromLogits.apply(logits, chunk_rows(logits.shape[-1], chunk_size))

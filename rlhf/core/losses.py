@@ -233,7 +233,7 @@ def lm_loss(
     input_ids: torch.Tensor,
     mask: torch.Tensor | None = None,
     reduction: str = "mean",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
     """Next-token loss `-1/n sum_t log P(x_t | x_<t)`: `logits[:, t]` is scored against `input_ids[:, t + 1]`.
 
@@ -244,7 +244,7 @@ def lm_loss(
             (only `mask[:, 1:]` is used, since position 0 is never predicted). None counts every token.
         reduction: "mean" -> `()` mean over counted tokens (0 if none), "sum" -> `()`,
             "none" -> `(batch, seq_len - 1)` per-token loss with 0 where masked.
-        chunk_size: rows softmaxed at once (see `rlhf.core.logprobs.selective_log_softmax`).
+        chunk_size: rows softmaxed at once; None = a 16 MiB block (see `rlhf.core.logprobs.selective_log_softmax`).
     """
     _check_reduction(reduction)
     _check_float("logits", logits)

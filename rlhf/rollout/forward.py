@@ -49,7 +49,7 @@ def response_logits(model: torch.nn.Module, query_ids: torch.Tensor, query_mask:
 
 def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                     response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec | None = None,
-                    temperature: float | None = None, chunk_size: int = 1024, with_entropy: bool = False,
+                    temperature: float | None = None, chunk_size: int | None = None, with_entropy: bool = False,
                     keep_token: bool = True):
     """Log-probs of the response tokens under ``model``'s sampling distribution.
 
@@ -74,7 +74,7 @@ def policy_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask:
 
 def reference_logprobs(model: torch.nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor,
                        response_ids: torch.Tensor, response_mask: torch.Tensor, *, spec: SamplingSpec,
-                       chunk_size: int = 1024) -> torch.Tensor:
+                       chunk_size: int | None = None) -> torch.Tensor:
     """``(N, R)`` log-probs of the response tokens under the reference's softmax of ``logits / spec.temperature``
     over the whole vocabulary: top-k, top-p, min-p and min_new_tokens are not applied (see this module's docstring:
     the KL is then that of the sampling distribution from the tempered reference, finite by construction)."""
@@ -124,7 +124,7 @@ def response_values(critic: torch.nn.Module, query_ids, query_mask, response_ids
 
 
 def rollout_forwards(ro, policy: torch.nn.Module, critic: torch.nn.Module | None, reference: torch.nn.Module | None,
-                     spec: SamplingSpec, chunk_size: int, keep_graph: bool, autocast):
+                     spec: SamplingSpec, chunk_size: int | None, keep_graph: bool, autocast):
     """The forwards over a sampled rollout (rlhf.rollout.batch.Rollout): policy log-probs and entropy, critic values,
     reference log-probs, filled into the rollout. ``keep_graph`` (the trainer's fused path: one epoch, one minibatch)
     runs the policy and critic forwards with their graphs and also returns ``(logprobs, values)`` with them, for the

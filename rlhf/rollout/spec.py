@@ -38,8 +38,8 @@ from transformers import (
 from rlhf.config import ConfigError
 from rlhf.core.logprobs import (
     _blocks,
-    _check_chunk_size,
     _compute_dtype,
+    chunk_rows,
     entropy_from_logits,
     selective_log_softmax,
 )
@@ -262,7 +262,7 @@ def _truncated_entropy(logits: torch.Tensor, truncate, chunk_size: int) -> torch
 
 
 def sampling_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, spec: SamplingSpec, *,
-                      response_mask: torch.Tensor | None = None, chunk_size: int = 1024,
+                      response_mask: torch.Tensor | None = None, chunk_size: int | None = None,
                       with_entropy: bool = False, keep_token: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of ``response_ids (N, R)`` under the sampling distribution of ``spec`` built on ``logits (N, R, V)``
     (``logits[:, t]`` predicts ``response_ids[:, t]``, position ``t`` of the response), and, if asked, its entropy
@@ -281,8 +281,10 @@ def sampling_logprobs(logits: torch.Tensor, response_ids: torch.Tensor, spec: Sa
     there it is finite (about the token's log-prob renormalised with it in the support) rather than a -inf that would
     make a KL or a ratio statistic infinite. EOS before min_new_tokens is excluded exactly either way (it is never
     drawn there). keep_token False: exact, -inf (gradient 0) outside the support.
+
+    chunk_size: rows of the vocabulary softmaxed at once; None = ``rlhf.core.logprobs.chunk_rows`` (a 16 MiB block).
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = chunk_rows(logits.shape[-1], chunk_size)
     if spec.temperature != 1.0:
         logits = TemperatureLogitsWarper(spec.temperature)(None, logits)  # = logits / T, as before
     if not spec.truncates:
