@@ -7,6 +7,9 @@
     python scripts/bench.py --workload r0 --compare trl   # R0: SmolLM2-135M-Instruct, float32 and bf16, + the bound
     python scripts/bench.py --workload r0 --lora          # also LoRA r=16 (all-linear) against full fine-tuning
 
+TRL runs without activation checkpointing (its RLOOConfig default is on) so that it does the same work as our default
+step; on R0, --compare trl also runs both with it (trainer.gradient_checkpointing against TRL's default).
+
 The floor is the same work in plain torch + transformers, measured in the same run: generate with a KV cache, one
 reference and one reward forward under no_grad, one policy forward + backward + AdamW step (PPO adds a critic forward
 in the rollout and a critic forward + backward + step per epoch). Each measurement runs in its own process, so peak
@@ -207,7 +210,7 @@ def run_trl(folder: str, steps: int, prompts_per_step: int, new_tokens: int) -> 
         num_generations=SAMPLES, max_completion_length=new_tokens, generation_kwargs={"min_new_tokens": new_tokens},
         max_steps=steps, learning_rate=1e-5, beta=0.05, num_iterations=1, gradient_accumulation_steps=1,
         temperature=1.0, top_p=1.0, top_k=0, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True,
-        bf16=False, seed=0, disable_tqdm=True)
+        bf16=False, seed=0, disable_tqdm=True, gradient_checkpointing=False)  # TRL's default is on; ours is off
     times: list[float] = []
 
     trainer = RLOOTrainer(
@@ -231,9 +234,10 @@ def r0_prompts(n: int = 512) -> list[str]:
     return load_prompts("builtin:sentiment", split="train", n=n, seed=0)
 
 
-def r0_trainer(steps: int, precision: str, lora: bool = False) -> dict:
+def r0_trainer(steps: int, precision: str, lora: bool = False, checkpointing: bool = False) -> dict:
     """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy; lora =
-    rank-16 adapters on every linear layer (model.lora), the reference being the base with adapters off."""
+    rank-16 adapters on every linear layer (model.lora), the reference being the base with adapters off;
+    checkpointing = trainer.gradient_checkpointing (decoder layers recomputed in the backward)."""
     overrides = [
         "model=smollm2", "algorithm=rloo", "data.chat_template=false", f"reward.function={R0_REWARD}",
         "reward.gold=null", f"rollout.prompts_per_step={R0_PROMPTS}", f"rollout.samples_per_prompt={R0_SAMPLES}",
@@ -243,11 +247,21 @@ def r0_trainer(steps: int, precision: str, lora: bool = False) -> dict:
     ] + (["trainer.mixed_precision=bf16", "rollout.hf.dtype=bfloat16"] if precision == "bf16" else [])
     if lora:
         overrides += ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=all-linear"]
+    if checkpointing:
+        overrides += ["trainer.gradient_checkpointing=true"]
     return time_trainer(overrides, steps)
 
 
 def r0_lora(steps: int, precision: str) -> dict:
     return r0_trainer(steps, precision, lora=True)
+
+
+def r0_lora_ckpt(steps: int, precision: str) -> dict:
+    return r0_trainer(steps, precision, lora=True, checkpointing=True)
+
+
+def r0_ckpt(steps: int, precision: str) -> dict:
+    return r0_trainer(steps, precision, checkpointing=True)
 
 
 def r0_floor(steps: int, precision: str) -> dict:
@@ -314,8 +328,11 @@ def r0_floor(steps: int, precision: str) -> dict:
     return {**_summary(rows), "peak_rss_gb": _rss_gb()}
 
 
-def r0_trl(steps: int, precision: str) -> dict:
-    """TRL's RLOOTrainer on R0: the same model, prompts, Python reward and batch, bf16 through its ``bf16`` flag."""
+def r0_trl(steps: int, precision: str, checkpointing: bool = False) -> dict:
+    """TRL's RLOOTrainer on R0: the same model, prompts, Python reward and batch, bf16 through its ``bf16`` flag.
+
+    checkpointing: TRL's ``gradient_checkpointing``. Its RLOOConfig turns it on by default (TRL 1.16); off, TRL does
+    the same work as our default step, on, the same as ours with trainer.gradient_checkpointing."""
     try:
         import trl
     except ImportError:
@@ -338,7 +355,8 @@ def r0_trl(steps: int, precision: str) -> dict:
         num_generations=R0_SAMPLES, max_completion_length=R0_NEW_TOKENS,
         generation_kwargs={"min_new_tokens": R0_NEW_TOKENS}, max_steps=steps, learning_rate=1e-6, beta=R0_BETA,
         num_iterations=1, gradient_accumulation_steps=1, temperature=1.0, top_p=1.0, top_k=0, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=precision == "bf16", seed=0, disable_tqdm=True)
+        report_to="none", save_strategy="no", use_cpu=True, bf16=precision == "bf16", seed=0, disable_tqdm=True,
+        gradient_checkpointing=checkpointing)
     times: list[float] = []
 
     trainer = RLOOTrainer(
@@ -347,7 +365,11 @@ def r0_trl(steps: int, precision: str) -> dict:
         processing_class=AutoTokenizer.from_pretrained(folder, padding_side="left"), callbacks=[step_timer(times)])
     trainer.train()
     return {"trl_version": trl.__version__, "step_s": statistics.median(times[2:] or times), "steps": len(times),
-            "peak_rss_gb": _rss_gb()}
+            "peak_rss_gb": _rss_gb(), "gradient_checkpointing": checkpointing}
+
+
+def r0_trl_ckpt(steps: int, precision: str) -> dict:
+    return r0_trl(steps, precision, checkpointing=True)
 
 
 def _rate(fn, flops: float, repeat: int = 5) -> float:
@@ -440,14 +462,24 @@ def r0_report(args) -> dict:
         row = {"trainer": ours, "floor": floor, "step_ratio": ours["step_s"] / floor["step_s"],
                "rss_ratio": ours["peak_rss_gb"] / floor["peak_rss_gb"]}
         if args.compare == "trl":
+            # Same work twice: both without activation checkpointing, and both with it (TRL's default).
             row["trl"] = spawn("", "r0_trl", "rloo", args.steps, precision=precision)
             if "step_s" in row["trl"]:
                 row["our_step_over_trl"] = ours["step_s"] / row["trl"]["step_s"]
                 row["our_rss_over_trl"] = ours["peak_rss_gb"] / row["trl"]["peak_rss_gb"]
+                row["ckpt"] = spawn("", "r0_ckpt", "rloo", args.steps, precision=precision)
+                row["trl_ckpt"] = spawn("", "r0_trl_ckpt", "rloo", args.steps, precision=precision)
+                row["our_ckpt_step_over_trl_ckpt"] = row["ckpt"]["step_s"] / row["trl_ckpt"]["step_s"]
+                row["our_ckpt_rss_over_trl_ckpt"] = row["ckpt"]["peak_rss_gb"] / row["trl_ckpt"]["peak_rss_gb"]
         if args.lora:
             row["lora"] = spawn("", "r0_lora", "rloo", args.steps, precision=precision)
             row["lora_step_over_full"] = row["lora"]["step_s"] / ours["step_s"]
             row["lora_rss_over_full"] = row["lora"]["peak_rss_gb"] / ours["peak_rss_gb"]
+            # LoRA's memory saving is the optimizer and reference; activations are the same as full fine-tuning's
+            # unless the layers are recomputed: LoRA with trainer.gradient_checkpointing, against plain full.
+            row["lora_ckpt"] = spawn("", "r0_lora_ckpt", "rloo", args.steps, precision=precision)
+            row["lora_ckpt_step_over_full"] = row["lora_ckpt"]["step_s"] / ours["step_s"]
+            row["lora_ckpt_rss_over_full"] = row["lora_ckpt"]["peak_rss_gb"] / ours["peak_rss_gb"]
         report[precision] = row
     from transformers import AutoConfig
 
@@ -464,7 +496,8 @@ def r0_report(args) -> dict:
 
 
 WORKERS = {"trainer": run_trainer, "floor": run_floor, "r0_trainer": r0_trainer, "r0_floor": r0_floor,
-           "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_lora": r0_lora}
+           "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_lora": r0_lora, "r0_lora_ckpt": r0_lora_ckpt,
+           "r0_ckpt": r0_ckpt, "r0_trl_ckpt": r0_trl_ckpt}
 
 
 def worker(args) -> None:
