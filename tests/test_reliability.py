@@ -88,6 +88,26 @@ def test_unknown_key_without_plus_is_one_line_through_the_script(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: trainer.foo: unknown key"]
 
 
+def test_a_home_folder_typed_with_a_tilde_reaches_the_model_check(tmp_path):
+    """`model.policy=~/x`: the shell does not expand a tilde after '=', and Hydra cannot parse it; the entry point
+    expands it, so the user gets the folder check on their home folder, not a lexer error."""
+    home = tmp_path / "home"
+    home.mkdir()
+    proc = run_script([SCRIPT, "model.policy=~/no_such_model", f"hydra.run.dir={tmp_path}/run"], timeout=120,
+                      env={**os.environ, "HOME": str(home)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: model.policy: folder '{home}/no_such_model' does not exist"], proc.stderr
+
+
+def test_expand_home_touches_only_a_value_that_starts_with_a_tilde():
+    from rlhf.runtime.errors import expand_home
+
+    home = os.path.expanduser("~")
+    assert expand_home(["model.policy=~/m", "+x=~", "s=a,~/b", "~kl.beta", "c=~x", "d=a~/b", "--multirun"]) == [
+        f"model.policy={home}/m", f"+x={home}", f"s=a,{home}/b", "~kl.beta", "c=~x", "d=a~/b", "--multirun"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("trainer.foo=1", "trainer.foo: unknown key"),
     ("model=nope", "model: unknown option 'nope'; valid: "),

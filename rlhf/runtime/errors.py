@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 
@@ -86,6 +87,7 @@ def one_line_hydra_errors(entry):
 
         from rlhf.runtime.runlock import RunDirBusy, check_run_dir_free
 
+        sys.argv[1:] = expand_home(sys.argv[1:])
         try:
             check_run_dir_free(sys.argv[1:])
         except RunDirBusy as e:
@@ -106,6 +108,24 @@ def one_line_hydra_errors(entry):
                 os.environ.pop("HYDRA_FULL_ERROR", None)
 
     return wrapper
+
+
+_HOME_VALUE = re.compile(r"(?<=[=,])~(?=/|,|$)")
+
+
+def expand_home(overrides: list[str]) -> list[str]:
+    """``key=~/path`` -> ``key=<home>/path`` (also each ``~/`` item of a ``key=a,~/b`` sweep). The shell leaves a
+    tilde after ``=`` alone in a command argument, and Hydra's override grammar cannot parse one, so
+    ``model.policy=~/.cache/rlhf/smollm2`` would stop with a lexer error. A leading ``~key`` (Hydra's delete) and
+    anything else are left as they are."""
+    home = os.path.expanduser("~")
+    out = []
+    for arg in overrides:
+        key, eq, value = arg.partition("=")
+        if eq and not key.startswith(("-", "~")):
+            arg = key + _HOME_VALUE.sub(lambda _: home, eq + value)
+        out.append(arg)
+    return out
 
 
 def _first_line(text: str) -> str:
