@@ -57,3 +57,17 @@ def test_sampler_and_trainer_agree_under_bf16_autocast(policy_cfg):
                                     "rollout.prompts_per_step=16", "rollout.max_new_tokens=12")).train()
     assert m["mismatch/kl_k3"] < 1e-3, m["mismatch/kl_k3"]
     assert abs(m["mismatch/kl_k1"]) < 1e-2, m["mismatch/kl_k1"]
+
+
+def test_stages_of_either_precision_run_one_after_another_in_one_process(policy_cfg, tmp_path):
+    """accelerate refuses a second Accelerator of another mixed precision in one process unless its precision state
+    is dropped (rlhf.runtime.accelerator.fresh_precision_state): bf16, then float32, then bf16 again."""
+    from rlhf.trainers.policy import PolicyTrainer
+
+    for i, precision in enumerate(["bf16", "no", "bf16"]):
+        cfg = policy_cfg(f"trainer.mixed_precision={precision}", "trainer.max_steps=1", "algorithm=rloo")
+        cfg.run_dir = str(tmp_path / f"run{i}")
+        trainer = PolicyTrainer(cfg)
+        (m,) = trainer.train()
+        assert trainer.acc.mixed_precision == precision
+        assert m["kl"] == 0.0

@@ -58,6 +58,21 @@ def check_gpus_per_machine(cpu: bool, local_world: int, gpus: int | None = None)
                               "trainer.cpu=true to run them on the CPU (gloo)")
 
 
+def fresh_precision_state(mixed_precision: str) -> None:
+    """Let a second stage in the same Python process use another ``trainer.mixed_precision`` than the first.
+
+    accelerate keeps one process-wide AcceleratorState and refuses an Accelerator whose mixed precision differs
+    from it ("AcceleratorState has already been initialized and cannot be changed"): a notebook or script that runs
+    a bf16 stage and then a float32 one would stop there. The precision part of that state is dropped when it
+    differs; the process state (device, process group) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def make_accelerator(t: DictConfig) -> Accelerator:
     """The Accelerator of a stage from its ``trainer`` config (``cpu``, ``mixed_precision``, ``dist_timeout_s``).
 
@@ -74,6 +89,7 @@ def make_accelerator(t: DictConfig) -> Accelerator:
     if cpu and not t.cpu and int(os.environ.get("RANK", "0")) == 0:
         logging.getLogger(__name__).info("%d processes launched and no GPU: running them on the CPU (gloo backend)",
                                          world)
+    fresh_precision_state(t.mixed_precision)
     acc = Accelerator(cpu=cpu, mixed_precision=t.mixed_precision,
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.dist_timeout_s))])
     if world > 1 and acc.num_processes != world:
