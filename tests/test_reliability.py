@@ -394,7 +394,8 @@ def test_out_of_memory_says_what_to_change(tmp_path):
         assert msg.startswith("out of memory at step 0 (") and "\n" not in msg
         # FAST: 4 prompts per step, 6 new tokens, 1 minibatch, grad_accum 1
         for hint in ("rollout.prompts_per_step (now 4)", "rollout.max_new_tokens (now 6)",
-                     "trainer.minibatches (now 1)", "trainer.grad_accum (now 1)"):
+                     "trainer.minibatches (now 1)", "trainer.grad_accum (now 1)",
+                     "or set trainer.gradient_checkpointing=true"):
             assert hint in msg, hint
 
     def broken(prompts, step, round_):

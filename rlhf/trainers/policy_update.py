@@ -64,7 +64,9 @@ def out_of_memory_message(step: int, err: BaseException, rollout_cfg, trainer_cf
     return (f"out of memory at step {step} ({lines[0] if lines else type(err).__name__}); lower "
             f"rollout.prompts_per_step (now {r.prompts_per_step}) or rollout.max_new_tokens (now "
             f"{r.max_new_tokens}), or raise trainer.minibatches (now {t.minibatches}) or trainer.grad_accum "
-            f"(now {t.grad_accum}) so each backward pass sees fewer sequences")
+            f"(now {t.grad_accum}) so each backward pass sees fewer sequences"
+            + ("" if t.get("gradient_checkpointing", True) else
+               ", or set trainer.gradient_checkpointing=true to recompute activations instead of keeping them"))
 
 
 def prompt_rows(n: int, prompts_per_step: int, step: int, seed: int, rank: int, world: int) -> torch.Tensor:
