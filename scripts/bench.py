@@ -26,6 +26,7 @@ bytes into the time a step cannot beat on this machine.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -257,9 +258,6 @@ def r0_trainer(steps: int, precision: str, lora: bool = False, checkpointing: bo
     return time_trainer(overrides, steps)
 
 
-def r0_lora(steps: int, precision: str) -> dict:
-    return r0_trainer(steps, precision, lora=True)
-
 
 def r0_vllm(steps: int, precision: str) -> dict:
     """Our RLOO step on R0 with rollout.engine=vllm (vLLM in this process, weights synced every step)."""
@@ -271,12 +269,6 @@ def r0_vllm(steps: int, precision: str) -> dict:
     return time_trainer(overrides + ["rollout.engine=vllm"], steps)
 
 
-def r0_lora_ckpt(steps: int, precision: str) -> dict:
-    return r0_trainer(steps, precision, lora=True, checkpointing=True)
-
-
-def r0_ckpt(steps: int, precision: str) -> dict:
-    return r0_trainer(steps, precision, checkpointing=True)
 
 
 def r0_floor(steps: int, precision: str) -> dict:
@@ -382,9 +374,6 @@ def r0_trl(steps: int, precision: str, checkpointing: bool = False) -> dict:
     return {"trl_version": trl.__version__, "step_s": statistics.median(times[2:] or times), "steps": len(times),
             "peak_rss_gb": _rss_gb(), "gradient_checkpointing": checkpointing}
 
-
-def r0_trl_ckpt(steps: int, precision: str) -> dict:
-    return r0_trl(steps, precision, checkpointing=True)
 
 
 def _rate(fn, flops: float, repeat: int = 5) -> float:
@@ -516,9 +505,12 @@ def r0_report(args) -> dict:
 
 
 WORKERS = {"trainer": run_trainer, "floor": run_floor, "r0_trainer": r0_trainer, "r0_floor": r0_floor,
-           "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_lora": r0_lora, "r0_lora_ckpt": r0_lora_ckpt,
-           "r0_ckpt": r0_ckpt, "r0_trl_ckpt": r0_trl_ckpt,
-           "r0_vllm": r0_vllm}
+           "r0_trl": r0_trl, "r0_probe": r0_probe, "r0_vllm": r0_vllm,
+           # (steps, precision) -> result, like the rest; the variants of one measurement are partials of it
+           "r0_lora": functools.partial(r0_trainer, lora=True),
+           "r0_ckpt": functools.partial(r0_trainer, checkpointing=True),
+           "r0_lora_ckpt": functools.partial(r0_trainer, lora=True, checkpointing=True),
+           "r0_trl_ckpt": functools.partial(r0_trl, checkpointing=True)}
 
 
 def worker(args) -> None:

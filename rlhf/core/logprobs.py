@@ -186,5 +186,4 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = DEFAULT_C
         Differentiable with respect to `logits` (first order), with the same chunked memory bound.
     """
     _check_logits(logits)
-    _check_chunk_size(chunk_size)
-    return _EntropyFromLogits.apply(logits, chunk_rows(logits.shape[-1], chunk_size))
+    return _EntropyFromLogits.apply(logits, chunk_rows(logits.shape[-1], chunk_size))  # chunk_rows checks it

@@ -65,7 +65,7 @@ def out_of_memory_message(step: int, err: BaseException, rollout_cfg, trainer_cf
             f"rollout.prompts_per_step (now {r.prompts_per_step}) or rollout.max_new_tokens (now "
             f"{r.max_new_tokens}), or raise trainer.minibatches (now {t.minibatches}) or trainer.grad_accum "
             f"(now {t.grad_accum}) so each backward pass sees fewer sequences"
-            + ("" if t.get("gradient_checkpointing", True) else
+            + ("" if t.gradient_checkpointing else
                ", or set trainer.gradient_checkpointing=true to recompute activations instead of keeping them"))
 
 
